@@ -1,0 +1,1211 @@
+"""Fine-tune a Gemma model on user-modelling data with DeepSpeed ZeRO-3, one ablation profile per run.
+
+Each record holds a user ``profile``, the user's interaction ``history``, a ``query`` and the ``target`` answer. The
+ablation profile (``ablation_configs/<name>.json``) says which of them the prompt contains, so that runs that differ
+only in that choice can be compared. Everything else comes from ``config.json`` (see README.md for every key).
+
+Launch (from the repository root):
+
+    # 4 GPUs on one node (accelerate picks up DeepSpeed from the generated config)
+    accelerate launch --num_processes=4 Gemma/train_deepspeed.py \\
+        --config config.json --ablation_config profile_and_history --output_dir Gemma/outputs/run1
+
+    # 1 GPU, or a quick look on any machine: plain python runs a single process
+    python Gemma/train_deepspeed.py --config config.json --ablation_config query_only --output_dir Gemma/outputs/q
+
+    # your own DeepSpeed JSON instead of the generated ZeRO-3 config
+    accelerate launch --num_processes=4 Gemma/train_deepspeed.py --config config.json \\
+        --ablation_config history_only --output_dir Gemma/outputs/h --deepspeed_config my_ds.json
+
+    # CPU-only machine (2 processes): accelerate needs --use_deepspeed to start several CPU processes
+    accelerate launch --use_deepspeed --num_processes 2 Gemma/train_deepspeed.py \\
+        --config config.json --ablation_config profile_and_history --output_dir Gemma/outputs/demo
+
+    # continue an interrupted run from its latest checkpoint
+    accelerate launch ... --output_dir Gemma/outputs/run1 --resume_from_checkpoint auto
+
+Precedence of settings: defaults (the dataclasses below) < config.json < ablation profile < command line (--set).
+
+The file reads top to bottom in the order data flows: config schema -> loading and validation -> command line ->
+records and prompts -> DeepSpeed config -> CPU-only work-arounds -> activation offload -> model and Trainer ->
+outputs -> main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger("train_deepspeed")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ABLATION_DIR = REPO_ROOT / "ablation_configs"
+DS_CONFIG_DIRNAME = "deepspeed_config"
+GENERATED_DS_CONFIG_NAME = "ds_config_zero3.json"
+RESULTS_NAME = "results.json"
+RESOLVED_CONFIG_NAME = "resolved_config.json"
+FINAL_DIRNAME = "final"
+DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+IGNORE_INDEX = -100  # label value the loss skips (torch's CrossEntropyLoss default)
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+
+
+class UserError(Exception):
+    """A problem the user can fix (config, data, flags). Printed as a message on rank 0, never as a traceback."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config schema: one typed dataclass per config.json section. Every default and why it is the default lives here.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    # A local directory (relative paths are resolved against the directory holding config.json) or a hub id.
+    model_name_or_path: str
+    # Eager attention is what Gemma recommends for training (soft-capping and sliding windows); sdpa is faster on GPUs.
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "eager"
+    # Weights are loaded in this dtype and DeepSpeed trains in it: bfloat16 is Gemma's native precision.
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+@dataclass
+class FieldNames:
+    """The column names of the data files, for files that name the record fields differently."""
+
+    profile: str = "profile"
+    history: str = "history"
+    query: str = "query"
+    target: str = "target"
+    id: str = "id"
+
+
+@dataclass
+class DataConfig:
+    train_file: str
+    validation_file: str | None = None
+    test_file: str | None = None
+    fields: FieldNames = field(default_factory=FieldNames)
+
+
+@dataclass
+class PromptConfig:
+    """Which sections the prompt holds. Ablation profiles override these keys."""
+
+    include_profile: bool = True
+    include_history: bool = True
+    # Keep at most this many of the most recent history items (null: all that fit in max_length).
+    max_history_items: int | None = None
+
+
+@dataclass
+class TrainingConfig:
+    # Prompt + target tokens per example; over-long examples lose their oldest history items first. Lower it on OOM.
+    max_length: int = 512
+    # Per-device micro-batch: the first knob for an OOM (memory grows linearly with batch_size x max_length).
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    # Keeps the global batch when batch_size is lowered: global = batch_size x accumulation x processes.
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    num_train_epochs: float = 1.0
+    # A positive max_steps overrides num_train_epochs (handy for quick runs).
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    # Evaluate on the validation file every eval_steps optimizer steps (null: only at the end).
+    eval_steps: int | None = 100
+    save_steps: int = 100
+    save_total_limit: int | None = 2
+    seed: int = 42
+    # Where the Trainer reports metrics: "none", "tensorboard", "wandb", ...
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    # Recompute each decoder layer in backward instead of storing its activations: a large memory saving for ~30% compute.
+    activation_checkpointing: bool = True
+
+
+@dataclass
+class DeepSpeedChoices:
+    """What the generated ZeRO-3 config offloads. Ignored when --deepspeed_config is given."""
+
+    # Optimizer states (12 bytes/parameter in fp32 Adam) live in CPU memory and the Adam step runs on the CPU.
+    offload_optimizer: bool = True
+    # Parameters live in CPU memory and are fetched to the GPU layer by layer: fits huge models, costs PCIe bandwidth.
+    offload_params: bool = True
+    # Page-locked CPU buffers make the offload copies faster (no effect on CPU-only machines).
+    pin_memory: bool = True
+    # Keep the activations that checkpointing saves (each decoder layer's inputs) in CPU memory instead of the GPU.
+    cpu_checkpointing: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedChoices = field(default_factory=DeepSpeedChoices)
+
+
+@dataclass
+class AblationProfile:
+    """One file of ablation_configs/: a description plus the PromptConfig keys it overrides."""
+
+    description: str
+    include_profile: bool | None = None
+    include_history: bool | None = None
+    max_history_items: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading and validation: JSON -> dataclasses, collecting every problem, with no heavy imports.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """Parse a JSON file; errors name the file, line and column."""
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found. Check the path.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}). Save the file as UTF-8.") from None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null",
+            list: "a list"}.get(typing.get_origin(tp) or tp, str(tp))
+
+
+_BAD = object()  # marks a value that failed its check (None is a valid JSON null)
+
+
+def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check one JSON value against a type hint; returns the converted value, or _BAD after recording a problem."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return _BAD
+        non_none = [a for a in args if a is not type(None)]
+        return _check_value(value, non_none[0], where, problems)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected an object, got {json.dumps(value)}.")
+            return _BAD
+        return build_dataclass(tp, value, where, problems)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        choices = [str(a) for a in typing.get_args(tp)]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {json.dumps(close[0])}?" if close else ""
+        problems.append(f"{where}: {json.dumps(value)} is not {_type_name(tp)}.{hint}")
+        return _BAD
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {json.dumps(value)}.")
+            return _BAD
+        items = [_check_value(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return _BAD if _BAD in items else items
+    # bool is a subclass of int in Python: true must not pass as 1, nor 1 as true.
+    ok = (
+        isinstance(value, bool) if tp is bool
+        else isinstance(value, int) and not isinstance(value, bool) if tp is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
+        else isinstance(value, tp)
+    )
+    if not ok:
+        problems.append(f"{where}: expected {_type_name(tp)}, got {json.dumps(value)}.")
+        return _BAD
+    return float(value) if tp is float else value
+
+
+def _key_path(where: str, key: str) -> str:
+    """'config.json:' + 'training' -> 'config.json: training'; 'config.json: training' + 'lr' -> '...training.lr'."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
+def build_dataclass(cls: type, data: dict, where: str, problems: list[str]) -> Any:
+    """Build `cls` from a JSON object. Unknown keys (with the closest valid one), missing keys and wrong types are
+    appended to `problems` as "<file>: <key path>: ..." messages. A bad value falls back to its default so that the
+    range checks can still run and report everything at once; returns None only when a required key is unusable."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(known)}."
+            problems.append(f"{_key_path(where, key)}: unknown key{hint}")
+    kwargs, complete = {}, True
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in data:
+            if required:
+                problems.append(f"{_key_path(where, f.name)}: required key is missing.")
+                complete = False
+            continue
+        value = _check_value(data[f.name], hints[f.name], _key_path(where, f.name), problems)
+        if value is not _BAD:
+            kwargs[f.name] = value
+        elif required:
+            complete = False
+    return cls(**kwargs) if complete else _BAD
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
+    """Apply --set section.key=value (value parsed as JSON, else taken as a string) to the raw config dict."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            problems.append(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set training.max_steps=20.")
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {item}: {part} is not a section.")
+                break
+        else:
+            node[parts[-1]] = value
+    return problems
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """Relative paths in config.json are relative to the directory holding config.json, so runs work from any cwd."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def validate_config(cfg: Config, config_path: Path) -> list[str]:
+    """Range and consistency checks that the type system cannot express. Each message says how to fix it."""
+    where = str(config_path)
+    t, problems = cfg.training, []
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            problems.append(f"{where}: {key}: {msg}")
+
+    for key in ("max_length", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps",
+                "save_steps"):
+        need(getattr(t, key) >= 1, f"training.{key}", f"must be at least 1, got {getattr(t, key)}.")
+    need(t.max_length >= 16, "training.max_length", f"{t.max_length} cannot hold a prompt and a target; use 256+.")
+    need(t.learning_rate > 0, "training.learning_rate", f"must be positive, got {t.learning_rate}.")
+    need(t.max_steps is None or t.max_steps >= 1, "training.max_steps", "must be at least 1, or null to use epochs.")
+    need(t.max_steps is not None or t.num_train_epochs > 0, "training.num_train_epochs",
+         f"must be positive, got {t.num_train_epochs} (or set training.max_steps).")
+    need(0 <= t.warmup_ratio < 1, "training.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}.")
+    need(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, got {t.weight_decay}.")
+    need(t.max_grad_norm >= 0, "training.max_grad_norm", f"must be >= 0 (0 disables clipping), got {t.max_grad_norm}.")
+    need(t.save_total_limit is None or t.save_total_limit >= 1, "training.save_total_limit",
+         "must be at least 1, or null to keep every checkpoint.")
+    need(t.eval_steps is None or t.eval_steps >= 1, "training.eval_steps", "must be at least 1, or null.")
+    need(t.eval_steps is None or cfg.data.validation_file is not None, "training.eval_steps",
+         f"is {t.eval_steps} but data.validation_file is null; set a validation file or set eval_steps to null.")
+    need(cfg.prompt.max_history_items is None or cfg.prompt.max_history_items >= 0, "prompt.max_history_items",
+         "must be >= 0, or null for all.")
+
+    base = config_path.parent
+    for key in ("train_file", "validation_file", "test_file"):
+        value = getattr(cfg.data, key)
+        if value is None:
+            continue
+        path = resolve_path(value, base)
+        if path.suffix.lower() not in DATA_EXTENSIONS:
+            problems.append(f"{where}: data.{key}: unsupported file type {path.suffix!r} ({value}); use one of "
+                            f"{', '.join(DATA_EXTENSIONS)}.")
+        elif not path.is_file():
+            problems.append(f"{where}: data.{key}: file not found: {path}. Fix the path (relative paths are "
+                            f"relative to the directory of {config_path.name}).")
+    model_path = resolve_path(cfg.model.model_name_or_path, base)
+    if model_path.is_dir():
+        if not (model_path / "config.json").is_file():
+            problems.append(f"{where}: model.model_name_or_path: {model_path} has no config.json; point it at a "
+                            "directory written by save_pretrained (for the demo model: python Gemma/prepare_gemma.py).")
+    elif not _looks_like_hub_id(cfg.model.model_name_or_path):
+        problems.append(f"{where}: model.model_name_or_path: directory not found: {model_path}. For the demo model "
+                        "run `python Gemma/prepare_gemma.py`; otherwise give a local directory or a hub id like "
+                        "google/gemma-3-270m.")
+    return problems
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def resolve_ablation(name_or_path: str) -> tuple[str, Path]:
+    """A name in ablation_configs/ or a path to a JSON file -> (name, path)."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise UserError(f"--ablation_config: file not found: {path}.")
+        return path.stem, path
+    candidate = ABLATION_DIR / f"{name_or_path}.json"
+    if not candidate.is_file():
+        available = sorted(p.stem for p in ABLATION_DIR.glob("*.json"))
+        raise UserError(f"--ablation_config: unknown ablation {name_or_path!r}. Available in {ABLATION_DIR}: "
+                        f"{', '.join(available)} (or pass the path to a JSON file).")
+    return name_or_path, candidate
+
+
+def load_ablation(path: Path, problems: list[str]) -> tuple[AblationProfile | None, dict]:
+    """Returns the profile and the prompt keys it sets explicitly (a profile overrides only what it names)."""
+    raw = read_json_file(path, "ablation profile")
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: expected a JSON object with description and include_* keys.")
+        return None, {}
+    profile = build_dataclass(AblationProfile, raw, f"{path}:", problems)
+    if profile is _BAD:
+        return None, {}
+    if profile.max_history_items is not None and profile.max_history_items < 0:
+        problems.append(f"{path}: max_history_items: must be >= 0, or null for all.")
+    return profile, {k: v for k, v in raw.items() if k != "description"}
+
+
+def load_settings(config_path: Path, ablation: str, overrides: list[str]) -> tuple[Config, str, AblationProfile]:
+    """defaults < config.json < ablation profile < --set, validated; every problem is reported together."""
+    raw = read_json_file(config_path, "config file")
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_path}: expected a JSON object with sections model, data, training, ...")
+    problems: list[str] = []
+    ablation_name, ablation_path = resolve_ablation(ablation)
+    profile, prompt_overrides = load_ablation(ablation_path, problems)
+    if isinstance(raw.setdefault("prompt", {}), dict):
+        raw["prompt"].update(prompt_overrides)
+    problems += apply_overrides(raw, overrides)
+    cfg = build_dataclass(Config, raw, f"{config_path}:", problems)
+    if cfg is not _BAD:
+        problems += validate_config(cfg, config_path)
+    if problems:
+        raise UserError(problems)
+    return cfg, ablation_name, profile
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="train_deepspeed.py",
+        description="Fine-tune Gemma with DeepSpeed ZeRO-3 on user-modelling data for one ablation profile.",
+        epilog="Settings precedence: defaults < config.json < ablation profile < --set. See README.md.",
+    )
+    p.add_argument("--config", type=Path, default=Path("config.json"),
+                   help="config.json with the model, data, prompt, training and deepspeed sections (default: %(default)s).")
+    p.add_argument("--ablation_config", default="profile_and_history",
+                   help="ablation profile: a name in ablation_configs/ (profile_and_history, profile_only, history_only, "
+                        "query_only) or a path to a JSON file (default: %(default)s).")
+    p.add_argument("--output_dir", type=Path, required=True,
+                   help="where the DeepSpeed config, checkpoints, final/ model and results.json go.")
+    p.add_argument("--deepspeed_config", type=Path, default=None,
+                   help="your own DeepSpeed JSON instead of the generated ZeRO-3 offload config; leave batch sizes, "
+                        "accumulation, clipping and optimizer values 'auto' so they follow config.json.")
+    p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|auto",
+                   help="continue from a checkpoint directory, or 'auto' for the latest complete one in --output_dir.")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an --output_dir that holds a finished or unfinished run (its outputs are deleted).")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config.json value, e.g. --set training.max_steps=20 (repeatable; JSON values).")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Records and prompts: read the files, check every record, render the Gemma chat turn, tokenize and mask.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitStats:
+    """What happened to one split, recorded in results.json so that runs can be checked for comparability."""
+
+    records: int
+    examples: int
+    dropped_too_long: int
+    history_shortened: int
+    ids_sha256: str
+    mean_tokens: float
+    max_tokens: int
+
+
+def read_records(path: Path, fields: FieldNames) -> list[dict]:
+    """Read a JSONL/JSON/CSV/Parquet file through `datasets` and return plain dicts keyed by the canonical names."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    builder = DATA_EXTENSIONS[path.suffix.lower()]
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the file and the line
+        raise UserError(_explain_unreadable(path, e)) from None
+    if len(ds) == 0:
+        raise UserError(f"{path}: the file holds no records.")
+    rename = {getattr(fields, name): name for name in ("profile", "history", "query", "target", "id")}
+    rows = ds.to_list()
+    records = [{canon: row.get(col) for col, canon in rename.items()} for row in rows]
+    if builder == "csv":  # CSV cells are text: profile and history may hold JSON objects/lists
+        for rec in records:
+            for key in ("profile", "history"):
+                if isinstance(rec[key], str) and rec[key].lstrip()[:1] in ("{", "["):
+                    try:
+                        rec[key] = json.loads(rec[key])
+                    except json.JSONDecodeError:
+                        pass
+    return records
+
+
+def _explain_unreadable(path: Path, error: Exception) -> str:
+    """Find the line that broke the reader, for line-oriented JSON, or fall back to the reader's own message."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return f"{path}: line {line}: not valid UTF-8 (byte {e.start}). Save the file as UTF-8."
+    if path.suffix.lower() == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno}). Fix or remove that line."
+            if not isinstance(obj, dict):
+                return f"{path}: line {lineno}: expected a JSON object per line."
+    message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return (f"{path}: could not be read as {DATA_EXTENSIONS[path.suffix.lower()]} ({message}). A field must have "
+            "the same type in every record (e.g. profile always an object, or always a string).")
+
+
+def check_record(rec: dict, index: int, path: Path, prompt: PromptConfig) -> list[str]:
+    """Type checks for one record; only the fields this ablation uses are required. Record numbers start at 1."""
+    where, problems = f"{path}: record {index + 1}", []
+    for key in ("query", "target"):
+        if not isinstance(rec[key], str):
+            what = "is missing" if rec[key] is None else f"must be a string, got {type(rec[key]).__name__}"
+            problems.append(f"{where}: {key} {what}.")
+    profile, history = rec["profile"], rec["history"]
+    if profile is None:
+        if prompt.include_profile:
+            problems.append(f"{where}: profile is missing but this ablation includes the profile.")
+    elif not isinstance(profile, (dict, str)):
+        problems.append(f"{where}: profile must be an object or a string, got {type(profile).__name__}.")
+    if history is None:
+        if prompt.include_history:
+            problems.append(f"{where}: history is missing but this ablation includes the history.")
+    elif not isinstance(history, list):
+        problems.append(f"{where}: history must be a list of items (oldest first), got {type(history).__name__}.")
+    elif not all(isinstance(item, (dict, str)) for item in history):
+        problems.append(f"{where}: history items must be objects or strings.")
+    return problems
+
+
+def _format_attributes(obj: dict | str, sep: str) -> str:
+    if isinstance(obj, str):
+        return obj.strip()
+    # Arrow fills keys missing from one record with null; a null attribute is not information.
+    return sep.join(f"{k}: {v}" for k, v in obj.items() if v is not None)
+
+
+def render_user_message(rec: dict, include_profile: bool, include_history: bool, history_items: int) -> str:
+    """The user turn: profile attributes, then the last `history_items` history items (most recent last), then the
+    query. Sections the ablation leaves out are absent, not empty."""
+    sections = []
+    if include_profile and rec["profile"] is not None:
+        profile = rec["profile"]
+        body = profile.strip() if isinstance(profile, str) else _format_attributes(profile, "\n").replace("\n", "\n- ")
+        sections.append("User profile:\n" + (body if isinstance(profile, str) else "- " + body))
+    if include_history and rec["history"] is not None:
+        items = rec["history"][len(rec["history"]) - history_items:] if history_items else []
+        lines = [f"{i}. {_format_attributes(item, '; ')}" for i, item in enumerate(items, 1)] or ["(none)"]
+        sections.append("Interaction history (oldest first):\n" + "\n".join(lines))
+    sections.append("Query: " + rec["query"].strip())
+    return "\n\n".join(sections)
+
+
+class PromptEncoder:
+    """Turns records into token ids and labels with the tokenizer's chat template, or Gemma's turn format when the
+    tokenizer has none (Gemma 3 270M's has none). Labels cover only the target and its <end_of_turn>."""
+
+    def __init__(self, tokenizer: Any, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
+            raise UserError(f"the tokenizer has no {END_OF_TURN} token: is model.model_name_or_path a Gemma model?")
+        self.bos_id = tokenizer.bos_token_id
+
+    def prompt_text(self, user_message: str) -> str:
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
+            )
+        bos = self.tokenizer.bos_token or ""
+        return f"{bos}{START_OF_TURN}user\n{user_message.strip()}{END_OF_TURN}\n{START_OF_TURN}model\n"
+
+    def prompt_ids(self, user_message: str) -> list[int]:
+        ids = self.tokenizer(self.prompt_text(user_message), add_special_tokens=False)["input_ids"]
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids  # exactly one BOS, whether or not the template wrote it
+        return ids
+
+    def target_ids(self, target: str) -> list[int]:
+        return self.tokenizer(target.strip(), add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
+
+    def fitting_history(self, rec: dict, target_len: int) -> int | None:
+        """How many of the most recent history items fit with the FULL prompt (profile and all history), whatever the
+        ablation: so every ablation keeps the same examples. None when even no history does not fit."""
+        n = len(rec["history"] or [])
+
+        def fits(k: int) -> bool:
+            return len(self.prompt_ids(render_user_message(rec, True, True, k))) + target_len <= self.max_length
+
+        if fits(n):
+            return n
+        if not fits(0):
+            return None
+        lo, hi = 0, n  # fits(lo) and not fits(hi): binary search for the largest k that fits
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    def encode(self, rec: dict, prompt: PromptConfig, history_items: int) -> dict:
+        if prompt.max_history_items is not None:
+            history_items = min(history_items, prompt.max_history_items)
+        message = render_user_message(rec, prompt.include_profile, prompt.include_history, history_items)
+        prompt_ids, target_ids = self.prompt_ids(message), self.target_ids(rec["target"])
+        input_ids = prompt_ids + target_ids
+        return {
+            "input_ids": input_ids,
+            "attention_mask": [1] * len(input_ids),
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
+        }
+
+
+def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> tuple[list[dict], list[str], SplitStats]:
+    """Read, check, truncate and encode one data file. Returns (examples, example ids, stats)."""
+    records = read_records(path, cfg.data.fields)
+    problems = [p for i, rec in enumerate(records) for p in check_record(rec, i, path, cfg.prompt)]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more problems in {path}"] if len(problems) > 20 else [])
+        raise UserError(shown)
+    examples, ids, shortened, dropped = [], [], 0, 0
+    for i, rec in enumerate(records):
+        target_len = len(encoder.target_ids(rec["target"]))
+        if target_len >= encoder.max_length:
+            raise UserError(f"{path}: record {i + 1}: the target alone is {target_len} tokens, more than "
+                            f"training.max_length={encoder.max_length}. Raise max_length or shorten the target.")
+        kept = encoder.fitting_history(rec, target_len)
+        if kept is None:
+            dropped += 1
+            continue
+        shortened += kept < len(rec["history"] or [])
+        examples.append(encoder.encode(rec, cfg.prompt, kept))
+        ids.append(str(rec["id"]) if rec["id"] is not None else f"{split}:{i}")
+    if not examples:
+        raise UserError(f"{path}: no record fits in training.max_length={encoder.max_length} even without history; "
+                        "raise max_length.")
+    lengths = [len(e["input_ids"]) for e in examples]
+    stats = SplitStats(
+        records=len(records), examples=len(examples), dropped_too_long=dropped, history_shortened=shortened,
+        ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        mean_tokens=round(sum(lengths) / len(lengths), 2), max_tokens=max(lengths),
+    )
+    return examples, ids, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DeepSpeed config: generate ZeRO-3 from config.json, or read the user's and check it against config.json.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def bucket_sizes(model_config: dict) -> dict[str, Any]:
+    """'auto' lets the Trainer size ZeRO-3's buckets from config.hidden_size. Multimodal configs (Gemma 3 4B+) keep
+    hidden_size in text_config, so compute the same values (transformers' formulas) as plain integers there."""
+    if "hidden_size" in model_config:
+        return {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto"}
+    hidden = (model_config.get("text_config") or {}).get("hidden_size")
+    if hidden is None:
+        raise UserError("the model config has no hidden_size (top level or text_config); pass --deepspeed_config "
+                        "with explicit reduce_bucket_size / stage3_prefetch_bucket_size values.")
+    return {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+
+
+def generate_deepspeed_config(choices: DeepSpeedChoices, dtype: str, model_config: dict) -> dict:
+    """ZeRO-3 with CPU offload and activation checkpointing. Batch, accumulation, clipping and optimizer values are
+    'auto': the Trainer fills them from config.json, so the two can never disagree. There is deliberately no
+    "scheduler" block: with one, DeepSpeed's scheduler would replace training.lr_scheduler_type."""
+
+    def offload(enabled: bool) -> dict:
+        return {"device": "cpu", "pin_memory": choices.pin_memory} if enabled else {"device": "none"}
+
+    return {
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "zero_optimization": {
+            "stage": 3,
+            "offload_optimizer": offload(choices.offload_optimizer),
+            "offload_param": offload(choices.offload_params),
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "sub_group_size": 1_000_000_000,
+            **bucket_sizes(model_config),
+            "stage3_max_live_parameters": 1_000_000_000,
+            "stage3_max_reuse_distance": 1_000_000_000,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        # Read by this script (see "Activation checkpointing with CPU offload"): HF models ignore this section
+        # otherwise. partition_activations only matters with model parallelism, which we do not use.
+        "activation_checkpointing": {
+            "partition_activations": False,
+            "cpu_checkpointing": choices.cpu_checkpointing,
+            "contiguous_memory_optimization": False,
+            "synchronize_checkpoint_boundary": False,
+        },
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        },
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "steps_per_print": 1_000_000,  # the Trainer logs; DeepSpeed's own step prints would duplicate it
+        "wall_clock_breakdown": False,
+    }
+
+
+def check_custom_deepspeed_config(ds: dict, path: Path, cfg: Config) -> list[str]:
+    """Values fixed in the user's DeepSpeed JSON that contradict config.json; each names both values and the fix."""
+    t, problems = cfg.training, []
+    if not isinstance(ds, dict):
+        return [f"{path}: expected a JSON object."]
+
+    def conflict(key: str, config_key: str, expected: Any) -> None:
+        value = ds.get(key, "auto")
+        if value != "auto" and value != expected:
+            problems.append(f"{path}: {key} is {value} but config.json {config_key} gives {expected}. Set it to "
+                            f'"auto" (recommended) or change {config_key} in config.json.')
+
+    conflict("train_micro_batch_size_per_gpu", "training.batch_size", t.batch_size)
+    conflict("gradient_accumulation_steps", "training.gradient_accumulation_steps", t.gradient_accumulation_steps)
+    conflict("gradient_clipping", "training.max_grad_norm", t.max_grad_norm)
+    tbs = ds.get("train_batch_size", "auto")
+    if tbs != "auto" and isinstance(tbs, int):
+        per_process = t.batch_size * t.gradient_accumulation_steps
+        if tbs % per_process:
+            problems.append(f"{path}: train_batch_size {tbs} is not a multiple of training.batch_size x "
+                            f"gradient_accumulation_steps = {per_process}. Set it to \"auto\".")
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if stage != 3:
+        problems.append(f"{path}: zero_optimization.stage is {stage}; this script builds the model partitioned for "
+                        "ZeRO stage 3 (zero.Init). Set \"stage\": 3.")
+    for precision, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        enabled = (ds.get(precision) or {}).get("enabled", False)
+        if enabled != "auto" and bool(enabled) != (cfg.model.dtype == dtype):
+            problems.append(f"{path}: {precision}.enabled is {json.dumps(enabled)} but config.json model.dtype is "
+                            f"{cfg.model.dtype}. Set it to \"auto\" or make the two agree.")
+    opt_params = (ds.get("optimizer") or {}).get("params", {})
+    lr = opt_params.get("lr", "auto")
+    if lr != "auto" and lr != t.learning_rate:
+        problems.append(f"{path}: optimizer.params.lr is {lr} but config.json training.learning_rate is "
+                        f"{t.learning_rate}. Set it to \"auto\" or make the two agree.")
+    return problems
+
+
+def load_custom_deepspeed_config(path: Path, cfg: Config) -> dict:
+    ds = read_json_file(path, "DeepSpeed config")
+    problems = check_custom_deepspeed_config(ds, path, cfg)
+    if problems:
+        raise UserError(problems)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CPU-only work-arounds (see ../shared/notes/cpu-stack.md). Each does nothing where CUDA is present.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def prepare_cpu_only_environment() -> bool:
+    """On a machine without CUDA, make DeepSpeed under accelerate see the real world size, and let bf16 run.
+
+    Returns True when the work-arounds were applied. Must run before TrainingArguments is created.
+    - accelerate sets no backend for DeepSpeed without a GPU, so every rank would believe it is alone: we create the
+      process group ourselves (gloo) and TrainingArguments reuses it (accelerator_config.use_configured_state).
+    - TrainingArguments refuses bf16 without a GPU; DeepSpeed runs a real bf16 engine on the CPU, so we let it.
+    - One BLAS thread per rank when several ranks share the cores (about 15x faster than oversubscribing).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    import transformers.training_args
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    transformers.training_args.is_torch_bf16_gpu_available = lambda: True
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return True
+
+
+def ensure_process_group_env() -> None:
+    """Plain `python train_deepspeed.py` has no launcher: describe a one-process group so DeepSpeed can start."""
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:  # a free port, so two single-process runs on one machine do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def shutdown_distributed(cpu_only: bool) -> None:
+    """Leave the process group cleanly. With gloo, a worker thread can still free the last all-gather's tensors while
+    Python shuts down and abort the process after a successful run; a barrier, destroy and short pause prevent it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        if cpu_only:
+            time.sleep(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activation checkpointing with CPU offload: what the DeepSpeed JSON's cpu_checkpointing asks for, made real.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OffloadStats:
+    tensors: int = 0
+    bytes: int = 0
+
+
+def make_cpu_offloaded_checkpoint(stats: OffloadStats):
+    """A checkpoint function for transformers' decoder layers that keeps what checkpointing saves (each layer's
+    inputs) in CPU memory: PyTorch's save_on_cpu around each checkpointed layer call, counting what it moves.
+
+    Not around the whole forward (that would also ship the logits to the host), and not transformers'
+    activation_checkpointing_kwargs={"offload": True}, which always pins memory and so fails without CUDA."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    pin = torch.cuda.is_available()
+
+    def checkpoint_on_cpu(function, *args, **kwargs):
+        hooks = torch.autograd.graph.save_on_cpu(pin_memory=pin)
+        pack = hooks.pack_hook
+
+        def counting_pack(tensor):
+            stats.tensors += 1
+            stats.bytes += tensor.numel() * tensor.element_size()
+            return pack(tensor)
+
+        hooks.pack_hook = counting_pack
+        with hooks:
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    return checkpoint_on_cpu
+
+
+def install_cpu_offloaded_checkpointing(model: Any, stats: OffloadStats) -> int:
+    """Swap the checkpoint function of every checkpointed layer; returns how many layers use it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    func = make_cpu_offloaded_checkpoint(stats)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer._gradient_checkpointing_func = func
+    return len(layers)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model, TrainingArguments and Trainer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_model_config(model_path: str) -> dict:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path).to_dict()
+
+
+def build_training_arguments(cfg: Config, output_dir: Path, ds_config: dict, has_validation: bool, cpu_only: bool):
+    """TrainingArguments from config.json. Created BEFORE the model so that from_pretrained builds it partitioned
+    under ZeRO-3 (zero.Init) instead of loading the whole model on every rank."""
+    from transformers import TrainingArguments
+
+    t = cfg.training
+    evaluate = has_validation and t.eval_steps is not None
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        deepspeed=ds_config,  # the dict, on every rank: reading back a file rank 0 writes would race
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a fraction of the total steps
+        lr_scheduler_type=t.lr_scheduler_type,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=t.report_to,
+        bf16=cfg.model.dtype == "bfloat16",
+        fp16=cfg.model.dtype == "float16",
+        activation_checkpointing=t.activation_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_pin_memory=not cpu_only,  # pinning is a no-op without CUDA
+        accelerator_config={"use_configured_state": True} if cpu_only else None,
+        disable_tqdm=True,  # one log line per logging_steps reads better in a launcher's interleaved output
+        save_only_model=False,
+    )
+
+
+def load_model(model_path: str, cfg: Config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
+    )
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    return model
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "right"  # labels follow the tokens; left padding only matters for batched generation
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def make_callbacks(cfg: Config, ds_config: dict, stats: OffloadStats) -> list:
+    from transformers import TrainerCallback
+
+    cpu_checkpointing = bool((ds_config.get("activation_checkpointing") or {}).get("cpu_checkpointing", False))
+
+    class ActivationOffloadCallback(TrainerCallback):
+        """The Trainer (re-)enables checkpointing inside train(), so the swap must happen at on_train_begin."""
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            n = install_cpu_offloaded_checkpointing(model, stats)
+            logger.info("Activation checkpointing: %d layers keep their saved inputs in CPU memory.", n)
+
+    if cfg.training.activation_checkpointing and cpu_checkpointing:
+        return [ActivationOffloadCallback()]
+    if cpu_checkpointing:
+        logger.warning("cpu_checkpointing is on but training.activation_checkpointing is false: nothing to offload.")
+    return []
+
+
+def describe_engine(trainer: Any) -> dict:
+    """What actually ran, read back from the DeepSpeed engine (not from our intentions)."""
+    engine = trainer.model_wrapped
+    if not hasattr(engine, "zero_optimization_stage"):
+        return {"engine": type(engine).__name__}
+    offload_opt, offload_param = engine.zero_offload_optimizer(), engine.zero_offload_param()
+    return {
+        "engine": type(engine).__name__,
+        "zero_stage": engine.zero_optimization_stage(),
+        "offload_optimizer": str(getattr(offload_opt, "device", "none")).split(".")[-1],
+        "offload_param": str(getattr(offload_param, "device", "none")).split(".")[-1],
+        "bf16": engine.bfloat16_enabled(),
+        "optimizer": type(engine.optimizer).__name__,
+        "base_optimizer": type(getattr(engine.optimizer, "optimizer", None)).__name__,
+        "world_size": engine.world_size,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs: never overwrite a finished run; write atomically.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file in the same directory, then rename: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """A finished run (results.json) is never overwritten, and an unfinished one is never silently mixed with a new
+    one, unless the user says so."""
+    if not output_dir.exists():
+        return
+    finished = (output_dir / RESULTS_NAME).is_file()
+    checkpoints = list(output_dir.glob("checkpoint-*"))
+    if overwrite:
+        return
+    if finished:
+        raise UserError(f"{output_dir}: holds a finished run ({RESULTS_NAME}). Choose another --output_dir, or add "
+                        "--overwrite_output_dir to replace it.")
+    if checkpoints and resume is None:
+        raise UserError(f"{output_dir}: holds checkpoints of an unfinished run. Add --resume_from_checkpoint auto to "
+                        "continue it, or --overwrite_output_dir to start over.")
+
+
+def clear_output_dir(output_dir: Path) -> None:
+    """Remove what a previous run wrote (only our own outputs: never anything else the user keeps there)."""
+    for path in [*output_dir.glob("checkpoint-*"), output_dir / FINAL_DIRNAME, output_dir / DS_CONFIG_DIRNAME]:
+        if path.is_dir():
+            shutil.rmtree(path)
+    for name in (RESULTS_NAME, RESOLVED_CONFIG_NAME):
+        (output_dir / name).unlink(missing_ok=True)
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> str | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting from the beginning.", output_dir)
+        return last
+    if not Path(resume).is_dir():
+        raise UserError(f"--resume_from_checkpoint: {resume} is not a checkpoint directory (or use 'auto').")
+    return resume
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "accelerate", "deepspeed", "datasets", "tokenizers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def loss_summary(log_history: list[dict]) -> dict[str, float | None]:
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in log_history if "eval_loss" in h]
+    return {"first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
+            "first_eval_loss": evals[0] if evals else None, "last_eval_loss": evals[-1] if evals else None}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main: parse -> load and validate -> data -> DeepSpeed config -> model -> train -> evaluate -> save
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def setup_logging(rank: int) -> None:
+    """Our INFO lines on rank 0 only; other libraries stay at WARNING (their INFO is compiler chatter)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.WARNING, stream=sys.stdout, force=True)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def run(args: argparse.Namespace) -> Path:
+    started = time.time()
+    rank = int(os.environ.get("RANK", "0"))
+    config_path = args.config.resolve()
+
+    # Everything the user wrote is checked before anything heavy is imported.
+    cfg, ablation_name, ablation = load_settings(config_path, args.ablation_config, args.overrides)
+    custom_ds = load_custom_deepspeed_config(args.deepspeed_config, cfg) if args.deepspeed_config else None
+    output_dir = args.output_dir.resolve()
+    check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    model_path = str(resolve_path(cfg.model.model_name_or_path, config_path.parent))
+    if not Path(model_path).is_dir():
+        model_path = cfg.model.model_name_or_path  # a hub id
+
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # thousands of torch.distributed deprecation lines
+    ensure_process_group_env()
+    cpu_only = prepare_cpu_only_environment()
+    import torch.distributed as dist
+    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning() if rank == 0 else hf_logging.set_verbosity_error()
+
+    # Data: every split is read, checked and encoded before the model is loaded.
+    tokenizer = load_tokenizer(model_path)
+    encoder = PromptEncoder(tokenizer, cfg.training.max_length)
+    data_base = config_path.parent
+    splits = {"train": cfg.data.train_file, "validation": cfg.data.validation_file}
+    encoded, stats = {}, {}
+    for split, file in splits.items():
+        if file is not None:
+            examples, _, stats[split] = build_split(resolve_path(file, data_base), split, cfg, encoder)
+            encoded[split] = examples
+    for split, s in stats.items():
+        logger.info("%s: %d records -> %d examples (%d dropped as too long, %d with history shortened), ids sha256 %s",
+                    split, s.records, s.examples, s.dropped_too_long, s.history_shortened, s.ids_sha256[:12])
+
+    # DeepSpeed config, then TrainingArguments, then the model (partitioned by zero.Init).
+    ds_config = custom_ds if custom_ds is not None else generate_deepspeed_config(
+        cfg.deepspeed, cfg.model.dtype, load_model_config(model_path))
+    training_args = build_training_arguments(cfg, output_dir, ds_config, "validation" in encoded, cpu_only)
+    world_size = training_args.world_size
+    if rank == 0:
+        if args.overwrite_output_dir and output_dir.exists():
+            clear_output_dir(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ds_name = args.deepspeed_config.name if custom_ds is not None else GENERATED_DS_CONFIG_NAME
+        write_json_atomic(output_dir / DS_CONFIG_DIRNAME / ds_name, ds_config)
+        resolved = {
+            **dataclasses.asdict(cfg),
+            "ablation": {"name": ablation_name, **dataclasses.asdict(ablation)},
+            "cli": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "deepspeed_config_file": str(output_dir / DS_CONFIG_DIRNAME / ds_name),
+            "model_path": model_path,
+        }
+        write_json_atomic(output_dir / RESOLVED_CONFIG_NAME, resolved)
+        logger.info("Resolved config:\n%s", json.dumps(resolved, indent=2))
+    dist.barrier()
+    if cpu_only and world_size == 1 and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+        logger.warning("accelerate started one process: on a CPU-only machine add --use_deepspeed to "
+                       "`accelerate launch` to get --num_processes processes.")
+    t = cfg.training
+    logger.info("World size %d; effective global batch size %d = batch_size %d x gradient_accumulation_steps %d x "
+                "%d processes.", world_size, t.batch_size * t.gradient_accumulation_steps * world_size,
+                t.batch_size, t.gradient_accumulation_steps, world_size)
+
+    model = load_model(model_path, cfg)
+    offload_stats = OffloadStats()
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=_as_dataset(encoded["train"]),
+        eval_dataset=_as_dataset(encoded["validation"]) if "validation" in encoded else None,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        callbacks=make_callbacks(cfg, ds_config, offload_stats),
+    )
+    resume = resolve_resume(args.resume_from_checkpoint, output_dir)
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    eval_metrics = trainer.evaluate() if "validation" in encoded else {}
+
+    # final/: consolidated 16-bit weights (gathered by every rank) + tokenizer, renamed into place when complete.
+    staging = output_dir / f".{FINAL_DIRNAME}.tmp"
+    trainer.model.config.use_cache = True  # users generate from final/: give them the cache back
+    trainer.save_model(str(staging))
+    dist.barrier()
+    if rank == 0:
+        final = output_dir / FINAL_DIRNAME
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        results = {
+            "ablation": ablation_name,
+            "ablation_description": ablation.description,
+            "train": train_result.metrics,
+            "eval": eval_metrics,
+            **loss_summary(trainer.state.log_history),
+            "global_step": trainer.state.global_step,
+            "world_size": world_size,
+            "effective_batch_size": t.batch_size * t.gradient_accumulation_steps * world_size,
+            "examples": {split: dataclasses.asdict(s) for split, s in stats.items()},
+            "deepspeed": describe_engine(trainer),
+            "activation_checkpointing": {
+                "enabled": t.activation_checkpointing,
+                "cpu_offload": offload_stats.tensors > 0,
+                "offloaded_tensors_rank0": offload_stats.tensors,
+                "offloaded_bytes_rank0": offload_stats.bytes,
+            },
+            "resumed_from": resume,
+            "versions": library_versions(),
+            "wall_time_s": round(time.time() - started, 1),
+            "log_history": trainer.state.log_history,
+        }
+        write_json_atomic(output_dir / RESULTS_NAME, results)
+        logger.info("Done in %.0f s. Final model: %s  Results: %s", time.time() - started, final,
+                    output_dir / RESULTS_NAME)
+    shutdown_distributed(cpu_only)
+    return output_dir
+
+
+def _as_dataset(examples: list[dict]):
+    import datasets
+
+    return datasets.Dataset.from_list(examples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    try:
+        run(args)
+    except UserError as e:
+        if rank == 0:  # every rank finds the same problem; one copy of the message is enough
+            print("error: " + "\n       ".join(e.problems), file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
