@@ -742,11 +742,11 @@ def check_custom_deepspeed_config(ds: dict, path: Path, cfg: Config) -> list[str
         if tbs % per_process:
             problems.append(f"{path}: train_batch_size {tbs} is not a multiple of training.batch_size x "
                             f"gradient_accumulation_steps = {per_process}. Set it to \"auto\".")
-    for section in ("zero_optimization", "bf16", "fp16", "optimizer", "activation_checkpointing"):
-        if not isinstance(ds.get(section, {}), dict):
-            problems.append(f"{path}: {section} must be an object, got {json.dumps(ds[section])}.")
-    if problems:
-        return problems
+    not_objects = [f"{path}: {section} must be an object, got {json.dumps(ds[section])}."
+                   for section in ("zero_optimization", "bf16", "fp16", "optimizer", "activation_checkpointing")
+                   if not isinstance(ds.get(section, {}), dict)]
+    if not_objects:
+        return problems + not_objects
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage != 3:

@@ -65,11 +65,21 @@ def test_custom_config_conflicts_name_both_values_and_the_fix(tmp_path):
     assert "bf16.enabled is false but config.json model.dtype is bfloat16" in problems
     assert "optimizer.params.lr is 0.0003" in problems
     assert "gradient_accumulation_steps" not in problems.replace("x gradient_accumulation_steps", "")
-    ok = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}
+    zero3 = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    ok = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": zero3, "bf16": {"enabled": "auto"}}
     assert td.check_custom_deepspeed_config(ok, path, cfg) == []
-    agreeing = {"train_micro_batch_size_per_gpu": 4, "train_batch_size": 16, "zero_optimization": {"stage": 3},
+    agreeing = {"train_micro_batch_size_per_gpu": 4, "train_batch_size": 16, "zero_optimization": zero3,
                 "bf16": {"enabled": True}}
     assert td.check_custom_deepspeed_config(agreeing, path, cfg) == []
+
+
+def test_custom_config_structure_problems(tmp_path):
+    path, cfg = tmp_path / "ds.json", make_config()
+    assert td.check_custom_deepspeed_config({"bf16": True, "zero_optimization": {"stage": 3}}, path, cfg) == [
+        f"{path}: bf16 must be an object, got true."]
+    problems = "\n".join(td.check_custom_deepspeed_config({"zero_optimization": {"stage": 3}}, path, cfg))
+    assert "stage3_gather_16bit_weights_on_model_save must be true" in problems
+    assert 'has no bf16 section but config.json model.dtype is bfloat16' in problems
 
 
 def test_custom_config_json_errors_name_line_and_column(tmp_path):
