@@ -1,0 +1,472 @@
+"""Gemma/compare_ablations.py on hand-made run directories in the formats Gemma/train_deepspeed.py writes."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "Gemma"))
+
+import compare_ablations as ca  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GENRES = ["comedy", "drama", "horror", "romance", "scifi"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fake run directories
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sha(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()  # as train_deepspeed.build_split hashes the ids
+
+
+def resolved_config(output_dir: Path, ablation: str, include_profile: bool, include_history: bool) -> dict:
+    """resolved_config.json of a demo run, as train_deepspeed.run writes it."""
+    return {
+        "model": {"model_name_or_path": "Gemma/models/gemma-3-270m", "attn_implementation": "eager",
+                  "dtype": "bfloat16"},
+        "data": {"train_file": "Gemma/data/demo/train.jsonl", "validation_file": "Gemma/data/demo/validation.jsonl",
+                 "test_file": "Gemma/data/demo/test.jsonl",
+                 "fields": {"profile": "profile", "history": "history", "query": "query", "target": "target",
+                            "id": "id"}},
+        "prompt": {"include_profile": include_profile, "include_history": include_history, "max_history_items": None},
+        "training": {"max_length": 256, "batch_size": 8, "eval_batch_size": 16, "gradient_accumulation_steps": 1,
+                     "learning_rate": 0.0002, "num_train_epochs": 1.0, "max_steps": 40, "warmup_ratio": 0.1,
+                     "lr_scheduler_type": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0, "logging_steps": 5,
+                     "eval_steps": 20, "save_steps": 20, "save_total_limit": 2, "seed": 42, "report_to": ["none"],
+                     "activation_checkpointing": True},
+        "deepspeed": {"offload_optimizer": True, "offload_params": True, "pin_memory": True,
+                      "cpu_checkpointing": True},
+        "ablation": {"name": ablation, "description": f"{ablation} prompt.", "include_profile": include_profile,
+                     "include_history": include_history, "max_history_items": None},
+        "cli": {"config": "config.json", "ablation_config": ablation, "output_dir": str(output_dir),
+                "deepspeed_config": None, "resume_from_checkpoint": None, "overwrite_output_dir": False,
+                "overrides": []},
+        "deepspeed_config_file": str(output_dir.resolve() / "deepspeed_config" / "ds_config_zero3.json"),
+        "model_path": "/work/main/Gemma/models/gemma-3-270m",
+    }
+
+
+def make_run(root: Path, name: str, ablation: str, predictions: list[dict] | None, *, eval_losses=(1.9, 1.4),
+             numeric: bool = False, config_changes: dict | None = None, test_ids_sha: str | None = None) -> Path:
+    """A finished run directory. predictions: predictions.jsonl records (None: a run without a test file)."""
+    out = root / name
+    (out / "deepspeed_config").mkdir(parents=True)
+    flags = {"profile_and_history": (True, True), "profile_only": (True, False), "history_only": (False, True),
+             "query_only": (False, False)}[ablation]
+    config = resolved_config(out, ablation, *flags)
+    for key, value in (config_changes or {}).items():
+        section, leaf = key.split(".")
+        config[section][leaf] = value
+    (out / "resolved_config.json").write_text(json.dumps(config, indent=2))
+
+    train_ids, validation_ids = [f"u{i:06d}" for i in range(2000)], [f"v{i:06d}" for i in range(200)]
+    examples = {
+        "train": {"records": 2000, "examples": 2000, "dropped_too_long": 0, "history_shortened": 31,
+                  "ids_sha256": sha(train_ids), "mean_tokens": 141.2, "max_tokens": 256},
+        "validation": {"records": 200, "examples": 200, "dropped_too_long": 0, "history_shortened": 2,
+                       "ids_sha256": sha(validation_ids), "mean_tokens": 139.8, "max_tokens": 251},
+    }
+    steps = [20 * (i + 1) for i in range(len(eval_losses))]
+    log_history = [{"loss": 2.6 - 0.1 * s / 5, "grad_norm": 3.1, "learning_rate": 1e-4, "epoch": s / 250, "step": s}
+                   for s in range(5, steps[-1] + 1, 5)]
+    log_history += [{"eval_loss": v, "eval_runtime": 4.2, "epoch": s / 250, "step": s}
+                    for s, v in zip(steps, eval_losses, strict=True)]
+    log_history.sort(key=lambda h: h["step"])
+    results = {
+        "ablation": ablation, "ablation_description": f"{ablation} prompt.",
+        "prompt": config["prompt"], "train": {"train_runtime": 310.5, "train_loss": 1.7},
+        "eval": {"eval_loss": eval_losses[-1], "eval_runtime": 4.2, "epoch": 0.16},
+        "global_step": steps[-1], "world_size": 2, "effective_batch_size": 16, "examples": examples,
+        "log_history": log_history, "wall_time_s": 352.0,
+    }
+    if predictions is not None:
+        ids = [p["id"] for p in predictions]
+        examples["test"] = {"records": len(ids), "examples": len(ids), "dropped_too_long": 0, "history_shortened": 0,
+                            "ids_sha256": test_ids_sha or sha(ids), "mean_tokens": 140.0, "max_tokens": 250}
+        tokens = sum(p["target_tokens"] for p in predictions)
+        errors = [p["abs_error"] for p in predictions if p["abs_error"] is not None]
+        results["test"] = {
+            "examples": len(ids), "generated": len(ids),
+            "loss": sum(p["loss"] * p["target_tokens"] for p in predictions) / tokens,
+            "exact_match": sum(p["exact_match"] for p in predictions) / len(ids), "numeric": numeric,
+            "mae": float(np.mean(errors)) if numeric else None,
+            "rmse": float(np.sqrt(np.mean(np.square(errors)))) if numeric else None,
+            "unparsable": len(ids) - len(errors) if numeric else None,
+        }
+        (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return out
+
+
+def genre_predictions(n: int, correct: set[int], seed: int = 0) -> list[dict]:
+    """Genre predictions (not numeric): examples in `correct` are right, with a lower loss."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        target = GENRES[i % len(GENRES)]
+        right = i in correct
+        records.append({"id": f"t{i:06d}", "target": target, "prediction": target if right else GENRES[(i + 1) % 5],
+                        "loss": round(float(rng.uniform(0.05, 0.6) if right else rng.uniform(1.0, 3.0)), 4),
+                        "target_tokens": int(rng.integers(1, 4)), "exact_match": right, "abs_error": None,
+                        "parsed": None})
+    return records
+
+
+def rating_predictions(targets: list[int], predicted: list[str]) -> list[dict]:
+    """Rating predictions (numeric): a prediction that is not a number is unparsable (abs_error null)."""
+    records = []
+    for i, (target, text) in enumerate(zip(targets, predicted, strict=True)):
+        parsed = float(text) if text.replace(".", "", 1).isdigit() else None
+        records.append({"id": f"t{i:06d}", "target": str(target), "prediction": text, "loss": 0.5 + 0.1 * i,
+                        "target_tokens": 1, "exact_match": parsed == target,
+                        "abs_error": None if parsed is None else abs(parsed - target), "parsed": parsed})
+    return records
+
+
+@pytest.fixture
+def genre_runs(tmp_path) -> list[Path]:
+    """Three ablations on 60 test examples: the full prompt is right on 45, profile_only on 36, query_only on 15."""
+    return [
+        make_run(tmp_path, "full", "profile_and_history", genre_predictions(60, set(range(45)), seed=1)),
+        make_run(tmp_path, "profile", "profile_only", genre_predictions(60, set(range(36)), seed=2),
+                 eval_losses=(2.0, 1.6)),
+        make_run(tmp_path, "query", "query_only", genre_predictions(60, set(range(0, 60, 4)), seed=3),
+                 eval_losses=(2.3, 2.1)),
+    ]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "Gemma" / "compare_ablations.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Paired bootstrap
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_of_identical_runs_is_exactly_zero():
+    values = np.random.default_rng(0).uniform(0, 3, size=500)
+    tokens = np.random.default_rng(1).integers(1, 6, size=500).astype(float)
+    for metric, weights in ((ca.MEAN, None), (ca.MEAN, tokens), (ca.ROOT_MEAN_SQUARE, None)):
+        assert ca.paired_bootstrap(values, values.copy(), metric, weights=weights) == (0.0, 0.0, 0.0)
+
+
+def test_a_run_better_on_every_example_has_an_interval_excluding_zero():
+    rng = np.random.default_rng(2)
+    reference = rng.uniform(0.5, 2.0, size=300)  # e.g. absolute errors
+    better = reference - rng.uniform(0.01, 0.2, size=300)  # lower on every single example
+    diff, lo, hi = ca.paired_bootstrap(better, reference, n_resamples=1000, seed=0)
+    assert lo <= diff <= hi < 0
+    assert diff == pytest.approx(better.mean() - reference.mean())
+
+
+def test_the_interval_covers_a_known_difference_of_means_and_has_the_textbook_width():
+    rng = np.random.default_rng(3)
+    n, shift = 2000, 0.3
+    b = rng.normal(size=n)
+    noise = rng.normal(size=n)
+    a = b + shift + noise - noise.mean()  # the observed mean difference is exactly `shift`
+    diff, lo, hi = ca.paired_bootstrap(a, b, n_resamples=2000, confidence=0.95, seed=0)
+    assert diff == pytest.approx(shift)
+    assert lo < shift < hi
+    # percentile interval of a mean of paired differences: about +-1.96 standard errors
+    half_width = 1.96 * np.std(a - b) / np.sqrt(n)
+    assert (hi - lo) / 2 == pytest.approx(half_width, rel=0.1)
+    narrower = ca.paired_bootstrap(a, b, n_resamples=2000, confidence=0.5, seed=0)
+    assert lo < narrower.lo < narrower.hi < hi
+
+
+def test_the_same_seed_gives_the_same_numbers_and_another_seed_others():
+    rng = np.random.default_rng(4)
+    a, b, w = rng.normal(size=400), rng.normal(size=400), rng.integers(1, 4, size=400).astype(float)
+    first = ca.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=7)
+    assert ca.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=7) == first
+    other = ca.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=8)
+    assert other.diff == first.diff and (other.lo, other.hi) != (first.lo, first.hi)
+
+
+def test_token_weighted_metric_and_root_mean_square():
+    losses, tokens = np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 0.5])
+    assert ca.MEAN(losses, tokens) == pytest.approx((1 + 6 + 2) / 4.5)
+    assert ca.MEAN(losses) == pytest.approx(7 / 3)
+    assert ca.ROOT_MEAN_SQUARE(np.array([3.0, 4.0])) == pytest.approx(np.sqrt(12.5))
+    # weights may differ per run (another tokenizer): each run's own weighted mean
+    diff, _, _ = ca.paired_bootstrap(losses, losses, weights=(tokens, np.ones(3)), n_resamples=10)
+    assert diff == pytest.approx((1 + 6 + 2) / 4.5 - 7 / 3)
+
+
+def test_bootstrap_is_fast_enough_for_a_few_thousand_examples():
+    rng = np.random.default_rng(5)
+    a, b, w = rng.uniform(size=5000), rng.uniform(size=5000), rng.integers(1, 9, size=5000).astype(float)
+    ca.paired_bootstrap(a[:50], b[:50], n_resamples=10)  # warm-up: first-call costs are not the algorithm
+    start = time.perf_counter()
+    ca.paired_bootstrap(a, b, weights=w, n_resamples=2000, seed=0)
+    # typically ~0.1 s on 2 CPU cores; the bound leaves room for a loaded CI machine
+    assert time.perf_counter() - start < 1.5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading runs and the comparison table
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_test_loss_is_token_weighted_and_differences_are_run_minus_reference(tmp_path):
+    def predictions(losses, matches):
+        return [{"id": f"t{i}", "target": "comedy", "prediction": "comedy" if m else "drama", "loss": loss,
+                 "target_tokens": tokens, "exact_match": m, "abs_error": None, "parsed": None}
+                for i, (loss, tokens, m) in enumerate(zip(losses, [1, 3, 2, 2], matches, strict=True))]
+
+    full = make_run(tmp_path, "full", "profile_and_history", predictions([0.2, 0.4, 1.0, 0.1],
+                                                                        [True, True, False, True]))
+    query = make_run(tmp_path, "query", "query_only", predictions([0.9, 0.5, 2.0, 0.3], [False, True, False, True]),
+                     eval_losses=(2.0, 1.7))
+    runs = ca.load_runs([query, full])
+    reference = ca.choose_reference(runs, None)
+    assert reference.name == "full"  # the profile_and_history run, although listed second
+    rows = {r.run: r for r in ca.comparison_table(runs, reference, n_resamples=200)}
+    assert rows["full"].test_loss.value == pytest.approx((0.2 * 1 + 0.4 * 3 + 1.0 * 2 + 0.1 * 2) / 8)
+    assert rows["query"].test_loss.value == pytest.approx((0.9 * 1 + 0.5 * 3 + 2.0 * 2 + 0.3 * 2) / 8)
+    assert rows["query"].test_loss.diff == pytest.approx(rows["query"].test_loss.value - rows["full"].test_loss.value)
+    assert rows["query"].exact_match.value == 0.5 and rows["query"].exact_match.diff == pytest.approx(-0.25)
+    assert rows["query"].eval_loss.value == 1.7 and rows["query"].eval_loss.diff == pytest.approx(1.7 - 1.4)
+    assert rows["query"].eval_loss.lo is None  # no per-example data, no interval
+    assert rows["full"].reference and rows["full"].test_loss.diff is None and rows["full"].examples == 4
+    assert rows["query"].mae.value is None and rows["query"].unparsable is None  # not numeric
+
+
+def test_table_of_three_ablations(genre_runs):
+    runs = ca.load_runs(genre_runs)
+    rows = ca.comparison_table(runs, ca.choose_reference(runs, None), n_resamples=1000)
+    assert [r.run for r in rows] == ["full", "profile", "query"]
+    assert [r.exact_match.value for r in rows] == [0.75, 0.6, 0.25]
+    query = rows[2].exact_match
+    assert query.diff == pytest.approx(-0.5) and query.lo <= query.diff <= query.hi < 0
+    table = ca.markdown_table(rows, 0.95)
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3 and lines[1] == "|" + "---|" * 9
+    for line in lines[:1] + lines[2:]:
+        assert line.startswith("| ") and line.endswith(" |") and line.count(" | ") == 8
+    assert "exact match vs ref [95% CI]" in lines[0] and "MAE" not in lines[0]
+    assert lines[2].startswith("| full (reference) | profile_and_history | 60 | 1.400 |")
+    assert f"-0.500 [{query.lo:+.3f}, {query.hi:+.3f}]" in lines[4]
+
+
+def test_reference_by_name_directory_or_ablation(genre_runs):
+    runs = ca.load_runs(genre_runs)
+    assert ca.choose_reference(runs, "query").name == "query"
+    assert ca.choose_reference(runs, "profile_only").name == "profile"
+    assert ca.choose_reference(runs, str(genre_runs[1])).name == "profile"
+    with pytest.raises(ca.UserError, match=r"not one of the runs.*full, profile, query"):
+        ca.choose_reference(runs, "history_only")
+
+
+def test_numeric_targets_with_unparsable_predictions(tmp_path):
+    targets = [4, 3, 5, 2, 1, 4]
+    full = make_run(tmp_path, "full", "profile_and_history",
+                    rating_predictions(targets, ["4", "3", "4", "3", "1", "five"]), numeric=True)
+    query = make_run(tmp_path, "query", "query_only",
+                     rating_predictions(targets, ["3", "I'd say 3", "3", "3", "3", "3"]), numeric=True)
+    runs = ca.load_runs([full, query])
+    rows = {r.run: r for r in ca.comparison_table(runs, runs[0], n_resamples=300)}
+    ref, other = rows["full"], rows["query"]
+    assert (ref.unparsable, other.unparsable) == (1, 1)
+    # MAE and RMSE of each run over its own parsed predictions
+    assert ref.mae.value == pytest.approx((0 + 0 + 1 + 1 + 0) / 5)
+    assert other.mae.value == pytest.approx((1 + 2 + 1 + 2 + 1) / 5)
+    assert other.rmse.value == pytest.approx(np.sqrt((1 + 4 + 1 + 4 + 1) / 5))
+    # the paired difference over the 4 examples parsed in both runs (0, 2, 3, 4)
+    assert other.numeric_pairs == 4 and ref.numeric_pairs == 5
+    assert other.mae.diff == pytest.approx((1 + 2 + 1 + 2) / 4 - (0 + 1 + 1 + 0) / 4)
+    assert other.rmse.diff == pytest.approx(np.sqrt(10 / 4) - np.sqrt(2 / 4))
+    assert other.mae.lo <= other.mae.diff <= other.mae.hi
+    assert ref.exact_match.value == pytest.approx(3 / 6)
+    header = ca.markdown_table(list(rows.values()), 0.9).splitlines()[0]
+    assert "MAE vs ref [90% CI]" in header and "RMSE" in header and header.endswith("| unparsable |")
+
+
+def test_a_run_without_a_test_file_is_compared_on_eval_loss(tmp_path):
+    a = make_run(tmp_path, "a", "profile_and_history", None, eval_losses=(1.8, 1.2))
+    b = make_run(tmp_path, "b", "history_only", None, eval_losses=(1.9, 1.5))
+    runs = ca.load_runs([a, b])
+    assert runs[0].predictions is None and runs[0].eval_curve == [(20, 1.8), (40, 1.2)]
+    assert ca.check_comparable(runs) == []
+    rows = ca.comparison_table(runs, runs[0])
+    assert rows[1].eval_loss.diff == pytest.approx(0.3)
+    assert rows[1].test_loss == ca.Estimate() and rows[1].exact_match == ca.Estimate() and rows[1].examples is None
+
+
+def test_broken_run_directories_are_clear_errors(tmp_path, genre_runs):
+    with pytest.raises(ca.UserError, match="nowhere: no such run directory"):
+        ca.load_run(tmp_path / "nowhere")
+    (genre_runs[0] / "predictions.jsonl").unlink()
+    with pytest.raises(ca.UserError, match=r"full: results.json reports a test evaluation but predictions.jsonl is"):
+        ca.load_run(genre_runs[0])
+    (genre_runs[1] / "resolved_config.json").unlink()
+    with pytest.raises(ca.UserError, match=r"profile: no resolved_config.json"):
+        ca.load_run(genre_runs[1])
+    lines = (genre_runs[2] / "predictions.jsonl").read_text().splitlines()
+    (genre_runs[2] / "predictions.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ca.UserError, match=r"59 predictions, but results.json says test.generated=60"):
+        ca.load_run(genre_runs[2])
+    (genre_runs[2] / "predictions.jsonl").write_text("\n".join([*lines[:-1], lines[-1][:30]]))
+    with pytest.raises(ca.UserError, match=r"predictions.jsonl: line 60: invalid JSON"):
+        ca.load_run(genre_runs[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Comparability
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_runs_that_differ_only_in_the_ablation_are_comparable(genre_runs):
+    # output_dir, ablation_config, prompt, ablation and deepspeed_config_file all differ between these runs
+    runs = ca.load_runs(genre_runs)
+    assert ca.check_comparable(runs) == []
+
+
+def test_different_example_sets_are_refused_unless_allowed(tmp_path):
+    predictions = genre_predictions(40, set(range(30)))
+    full = make_run(tmp_path, "full", "profile_and_history", predictions)
+    other = make_run(tmp_path, "other", "profile_only", predictions, test_ids_sha="0" * 64)
+    runs = ca.load_runs([full, other])
+    problems = ca.check_comparable(runs)
+    assert problems == [f"examples.test.ids_sha256 differs: full={sha([p['id'] for p in predictions])[:12]}, "
+                        "other=000000000000  (override: --allow_different_examples)"]
+    assert ca.check_comparable(runs, allow_different_examples=True) == []
+
+
+def test_different_prediction_ids_are_refused_and_compared_on_the_common_ids_when_allowed(tmp_path):
+    full = make_run(tmp_path, "full", "profile_and_history", genre_predictions(40, set(range(30))))
+    short = make_run(tmp_path, "short", "profile_only", genre_predictions(40, set(range(10)))[:36])
+    runs = ca.load_runs([full, short])
+    problems = ca.check_comparable(runs)
+    assert len(problems) == 2 and problems[0].startswith("examples.test.ids_sha256 differs")
+    assert problems[1].startswith("predictions.jsonl ids differ: short has 0 ids full lacks (-) and lacks 4 of its "
+                                  "ids (t000036, t000037, t000038)")
+    assert ca.check_comparable(runs, allow_different_examples=True) == []
+    rows = ca.comparison_table(runs, runs[0], n_resamples=100)
+    assert [r.examples for r in rows] == [36, 36]
+    assert rows[0].exact_match.value == pytest.approx(30 / 36)
+
+
+def test_config_differences_are_refused_with_both_values_unless_allowed(tmp_path):
+    predictions = genre_predictions(20, set(range(10)))
+    full = make_run(tmp_path, "full", "profile_and_history", predictions)
+    other = make_run(tmp_path, "other", "profile_only", predictions,
+                     config_changes={"training.learning_rate": 0.0001, "cli.overrides": ["prompt.max_history_items=3"]})
+    runs = ca.load_runs([full, other])
+    assert ca.check_comparable(runs) == [
+        "training.learning_rate differs: full=0.0002, other=0.0001  (override: --allow_config_differences)"]
+    assert ca.check_comparable(runs, allow_config_differences=True) == []
+    # a key only one run has is a difference too
+    missing = copy.deepcopy(runs[1].config)
+    del missing["training"]["seed"]
+    assert ca.config_differences([runs[0], dataclasses.replace(runs[1], config=missing)])[1] == \
+        "training.seed differs: full=42, other=absent"
+
+
+def test_duplicate_directory_names_are_told_apart(tmp_path):
+    predictions = genre_predictions(10, {1, 2})
+    a = make_run(tmp_path / "week1", "run", "profile_and_history", predictions)
+    b = make_run(tmp_path / "week2", "run", "query_only", predictions)
+    assert [r.name for r in ca.load_runs([a, b])] == ["week1/run", "week2/run"]
+    with pytest.raises(ca.UserError, match="given twice"):
+        ca.load_runs([a, tmp_path / "week1" / ".." / "week1" / "run"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CSV and figure
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_csv_has_one_row_per_run_and_value_diff_lo_hi_columns(genre_runs, tmp_path):
+    runs = ca.load_runs(genre_runs)
+    rows = ca.comparison_table(runs, runs[0], n_resamples=200)
+    path = tmp_path / "out" / "comparison.csv"
+    ca.write_csv(rows, path, 0.95)
+    with path.open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ca.CSV_COLUMNS
+    for metric in ("eval_loss", "test_loss", "exact_match", "mae", "rmse"):
+        assert {f"{metric}", f"{metric}_diff", f"{metric}_lo", f"{metric}_hi"} <= set(table[0])
+    assert [r["run"] for r in table] == ["full", "profile", "query"]
+    assert [r["reference"] for r in table] == ["True", "False", "False"]
+    query = table[2]
+    assert float(query["exact_match"]) == 0.25 and float(query["exact_match_diff"]) == pytest.approx(-0.5)
+    assert float(query["exact_match_lo"]) == rows[2].exact_match.lo  # full precision, not the table's 3 decimals
+    assert query["mae"] == "" and query["unparsable"] == "" and table[0]["test_loss_diff"] == ""
+    assert query["test_examples"] == "60" and query["confidence"] == "0.95"
+    assert [p.name for p in path.parent.iterdir()] == ["comparison.csv"]  # no temporary file left behind
+
+
+def test_figure_is_a_valid_png(genre_runs, tmp_path):
+    import matplotlib.image
+
+    runs = ca.load_runs(genre_runs)
+    rows = ca.comparison_table(runs, runs[0], n_resamples=200)
+    path = tmp_path / "figure.png"
+    ca.plot(runs, rows, path, 0.95)
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] >= 300 and image.shape[1] >= 800 and image.shape[2] in (3, 4)
+    assert image[..., :3].std() > 0.05  # curves, markers and text, not a blank canvas
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["figure.png", *[d.name for d in genre_runs]])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line, end to end
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end(genre_runs):
+    result = run_cli(*map(str, genre_runs), "--bootstrap", "500", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5 and lines[0].startswith("| run | ablation | test examples | eval loss |")
+    assert set(lines[1]) == {"|", "-"}
+    assert lines[2].startswith("| full (reference) | profile_and_history |")
+    assert "Reference: full (profile_and_history)" in result.stderr and "Traceback" not in result.stderr
+    parent = genre_runs[0].parent
+    with (parent / "comparison.csv").open(newline="") as f:
+        assert [r["run"] for r in csv.DictReader(f)] == ["full", "profile", "query"]
+    assert (parent / "comparison.png").read_bytes()[:8] == PNG_SIGNATURE
+    # the same seed gives the same table
+    assert run_cli(*map(str, genre_runs), "--bootstrap", "500", "--seed", "3", "--csv", str(parent / "again.csv"),
+                   "--figure", str(parent / "again.png")).stdout == result.stdout
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(genre_runs, tmp_path):
+    result = run_cli(str(genre_runs[0]), str(tmp_path / "missing_run"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {tmp_path / 'missing_run'}: no such run directory."]
+    assert result.stdout == ""
+
+
+def test_cli_refuses_incomparable_runs_and_the_flag_overrides(tmp_path):
+    predictions = genre_predictions(30, set(range(20)))
+    full = make_run(tmp_path, "full", "profile_and_history", predictions)
+    other = make_run(tmp_path, "other", "query_only", predictions, config_changes={"training.learning_rate": 1e-3})
+    refused = run_cli(str(full), str(other))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines() == [
+        "error: these runs are not comparable; fix the runs, or pass the flag named on a line to compare them anyway:",
+        "  - training.learning_rate differs: full=0.0002, other=0.001  (override: --allow_config_differences)"]
+    assert not (tmp_path / "comparison.csv").exists()
+    allowed = run_cli(str(full), str(other), "--allow_config_differences", "--figure", str(tmp_path / "f.png"))
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "f.png").is_file() and (tmp_path / "comparison.csv").is_file()
