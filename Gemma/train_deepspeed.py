@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -57,6 +58,7 @@ ABLATION_DIR = REPO_ROOT / "ablation_configs"
 DS_CONFIG_DIRNAME = "deepspeed_config"
 GENERATED_DS_CONFIG_NAME = "ds_config_zero3.json"
 RESULTS_NAME = "results.json"
+PREDICTIONS_NAME = "predictions.jsonl"
 RESOLVED_CONFIG_NAME = "resolved_config.json"
 FINAL_DIRNAME = "final"
 DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -162,12 +164,23 @@ class DeepSpeedChoices:
 
 
 @dataclass
+class EvaluationConfig:
+    """Test-set evaluation at the end of training (and with --do_eval_only)."""
+
+    # Evaluate (loss and greedy answer) at most this many test examples, the first ones in file order (null: all).
+    max_test_examples: int | None = None
+    # Greedy decoding stops at <end_of_turn>, or after this many new tokens.
+    max_new_tokens: int = 32
+
+
+@dataclass
 class Config:
     model: ModelConfig
     data: DataConfig
     prompt: PromptConfig = field(default_factory=PromptConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedChoices = field(default_factory=DeepSpeedChoices)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 @dataclass
@@ -342,6 +355,10 @@ def validate_config(cfg: Config, config_path: Path) -> list[str]:
          f"is {t.eval_steps} but data.validation_file is null; set a validation file or set eval_steps to null.")
     need(cfg.prompt.max_history_items is None or cfg.prompt.max_history_items >= 0, "prompt.max_history_items",
          "must be >= 0, or null for all.")
+    e = cfg.evaluation
+    need(e.max_test_examples is None or e.max_test_examples >= 1, "evaluation.max_test_examples",
+         "must be at least 1, or null for the whole test file.")
+    need(e.max_new_tokens >= 1, "evaluation.max_new_tokens", f"must be at least 1, got {e.max_new_tokens}.")
 
     base = config_path.parent
     for key in ("train_file", "validation_file", "test_file"):
@@ -448,6 +465,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from a checkpoint directory, or 'auto' for the latest complete one in --output_dir.")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="start over in an --output_dir that holds a finished or unfinished run (its outputs are deleted).")
+    p.add_argument("--do_eval_only", action="store_true",
+                   help="no training: evaluate <output_dir>/final/ on data.test_file (loss, greedy answers, metrics) and "
+                        "update results.json and predictions.jsonl. Pass the run's --config and --ablation_config.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config.json value, e.g. --set training.max_steps=20 (repeatable; JSON values).")
     return p.parse_args(argv)
@@ -625,14 +645,22 @@ class PromptEncoder:
         }
 
 
-def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> tuple[list[dict], list[str], SplitStats]:
-    """Read, check, truncate and encode one data file. Returns (examples, example ids, stats)."""
+@dataclass
+class Split:
+    examples: list[dict]  # input_ids, attention_mask, labels
+    ids: list[str]
+    targets: list[str]
+    stats: SplitStats
+
+
+def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> Split:
+    """Read, check, truncate and encode one data file."""
     records = read_records(path, cfg.data.fields)
     problems = [p for i, rec in enumerate(records) for p in check_record(rec, i, path, cfg.prompt)]
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more problems in {path}"] if len(problems) > 20 else [])
         raise UserError(shown)
-    examples, ids, shortened, dropped = [], [], 0, 0
+    examples, ids, targets, shortened, dropped = [], [], [], 0, 0
     for i, rec in enumerate(records):
         target_len = len(encoder.target_ids(rec["target"]))
         if target_len >= encoder.max_length:
@@ -646,6 +674,7 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
         shortened += kept < len(rec["history"] or [])
         examples.append(encoder.encode(rec, cfg.prompt, kept))
         ids.append(str(rec["id"]) if rec["id"] is not None else f"{split}:{i}")
+        targets.append(rec["target"].strip())
     if not examples:
         raise UserError(f"{path}: no record fits in training.max_length={encoder.max_length} even without history; "
                         "raise max_length.")
@@ -655,7 +684,12 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
         ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(),
         mean_tokens=round(sum(lengths) / len(lengths), 2), max_tokens=max(lengths),
     )
-    return examples, ids, stats
+    return Split(examples, ids, targets, stats)
+
+
+def prompt_length(example: dict) -> int:
+    """Tokens before the first supervised one: the prompt a model answers at test time."""
+    return next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1025,16 +1059,129 @@ def describe_engine(trainer: Any) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Test-set evaluation: per-example loss and greedy answers on every rank in step, then task metrics.
+# ----------------------------------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def normalize_answer(text: str) -> str:
+    """Case, spacing and a trailing full stop do not make an answer wrong: "Comedy." matches "comedy"."""
+    return " ".join(text.strip().rstrip(".").lower().split())
+
+
+def parse_number(text: str) -> float | None:
+    """The first number in a generated answer ("4 stars" -> 4.0), or None when there is none."""
+    match = _NUMBER.search(text)
+    return float(match.group()) if match else None
+
+
+def score_predictions(rows: list[dict], test_examples: int) -> dict:
+    """Adds exact_match / parsed / abs_error to each row (id, target, prediction, loss, target_tokens) and returns
+    the metrics. The task counts as numeric when every target is a number (e.g. a rating): then MAE and RMSE are
+    computed over the predictions that parse, and the ones that do not are counted, never silently dropped."""
+    numeric = all(_NUMBER.fullmatch(r["target"].strip()) for r in rows)
+    for r in rows:
+        r["exact_match"] = normalize_answer(r["prediction"]) == normalize_answer(r["target"])
+        r["parsed"] = parse_number(r["prediction"]) if numeric else None
+        r["abs_error"] = abs(r["parsed"] - float(r["target"])) if r["parsed"] is not None else None
+    tokens = sum(r["target_tokens"] for r in rows)
+    loss = sum(r["loss"] * r["target_tokens"] for r in rows) / tokens  # token-weighted, like the training loss
+    metrics = {"examples": test_examples, "generated": len(rows), "loss": loss, "perplexity": math.exp(loss),
+               "exact_match": sum(r["exact_match"] for r in rows) / len(rows), "numeric": numeric,
+               "mae": None, "rmse": None, "unparsable": None}
+    if numeric:
+        errors = [r["abs_error"] for r in rows if r["abs_error"] is not None]
+        metrics.update(mae=sum(errors) / len(errors) if errors else None,
+                       rmse=math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else None,
+                       unparsable=len(rows) - len(errors))
+    return metrics
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+                     synced: bool) -> list[str]:
+    """Greedy answers for a batch of prompts (left-padded), cut at <end_of_turn>."""
+    import torch
+    from transformers import GenerationConfig
+
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    pad, width = tokenizer.pad_token_id, max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                         eos_token_id=[eot, tokenizer.eos_token_id], pad_token_id=pad)
+    # Under ZeRO-3 every forward gathers parameters collectively: synced_gpus keeps a rank that has finished
+    # stepping until all ranks are done.
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                            generation_config=generation_config, synced_gpus=synced)
+    answers = []
+    for row in output[:, width:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in (eot, tokenizer.eos_token_id, pad)), len(row))
+        answers.append(tokenizer.decode(row[:stop], skip_special_tokens=True).strip())
+    return answers
+
+
+def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[str], targets: list[str],
+                  batch_size: int, max_new_tokens: int) -> list[dict] | None:
+    """Per-example target loss and greedy answer for every example, sharded over the ranks. Every rank runs the
+    same number of batches (ZeRO-3 forwards are collective), padding its shard by repeating an example whose
+    result is then dropped. Returns the rows in input order on rank 0, None elsewhere."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = math.ceil(len(examples) / world)
+    shard = list(range(rank, len(examples), world))
+    shard += [shard[0] if shard else 0] * (per_rank - len(shard))
+    real = len(range(rank, len(examples), world))
+    collate = SupervisedPositionsCollator(tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for start in range(0, per_rank, batch_size):
+            idx = shard[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           logits_to_keep=batch["logits_to_keep"]).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits, batch["shift_labels"], reduction="none")
+            row_of = batch["logits_to_keep"].nonzero()[:, 0]
+            sums = torch.zeros(len(idx), device=device).index_add_(0, row_of, nll)
+            counts = torch.bincount(row_of, minlength=len(idx))
+            prompts = [examples[i]["input_ids"][:prompt_length(examples[i])] for i in idx]
+            answers = generate_answers(model, tokenizer, prompts, max_new_tokens, synced=world > 1)
+            for j, i in enumerate(idx):
+                rows.append({"index": i, "id": ids[i], "target": targets[i], "prediction": answers[j],
+                             "loss": (sums[j] / counts[j]).item(), "target_tokens": int(counts[j])})
+    model.train(was_training)
+    rows = rows[:real]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, rows)
+    if rank != 0:
+        return None
+    ordered = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+    for r in ordered:
+        del r["index"]
+    return ordered
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Outputs: never overwrite a finished run; write atomically.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file in the same directory, then rename: readers see the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
@@ -1110,20 +1257,57 @@ def setup_logging(rank: int) -> None:
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def run(args: argparse.Namespace) -> Path:
-    started = time.time()
-    rank = int(os.environ.get("RANK", "0"))
-    config_path = args.config.resolve()
+@dataclass
+class RunPlan:
+    """Everything decided from the command line and config.json before anything heavy is imported."""
 
-    # Everything the user wrote is checked before anything heavy is imported.
+    cfg: Config
+    config_path: Path
+    ablation_name: str
+    ablation: AblationProfile
+    custom_ds: dict | None
+    output_dir: Path
+    model_path: str
+
+
+def plan_run(args: argparse.Namespace) -> RunPlan:
+    """Check everything the user wrote (config, ablation, --set, DeepSpeed JSON, output dir) in about a second."""
+    config_path = args.config.resolve()
     cfg, ablation_name, ablation = load_settings(config_path, args.ablation_config, args.overrides)
     custom_ds = load_custom_deepspeed_config(args.deepspeed_config, cfg) if args.deepspeed_config else None
     output_dir = args.output_dir.resolve()
-    check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     model_path = str(resolve_path(cfg.model.model_name_or_path, config_path.parent))
     if not Path(model_path).is_dir():
         model_path = cfg.model.model_name_or_path  # a hub id
+    if args.do_eval_only:
+        model_path = str(check_eval_only(output_dir, cfg))
+    else:
+        check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    return RunPlan(cfg, config_path, ablation_name, ablation, custom_ds, output_dir, model_path)
 
+
+def check_eval_only(output_dir: Path, cfg: Config) -> Path:
+    """--do_eval_only evaluates a finished run's final/ model with the prompt it was trained with."""
+    final = output_dir / FINAL_DIRNAME
+    problems = []
+    if not (final / "config.json").is_file():
+        problems.append(f"{output_dir}: no {FINAL_DIRNAME}/ model to evaluate; train first, or point --output_dir "
+                        "at a finished run.")
+    if cfg.data.test_file is None:
+        problems.append("--do_eval_only needs data.test_file in the config.")
+    resolved = output_dir / RESOLVED_CONFIG_NAME
+    if resolved.is_file():
+        trained_prompt = json.loads(resolved.read_text(encoding="utf-8")).get("prompt")
+        if trained_prompt != dataclasses.asdict(cfg.prompt):
+            problems.append(f"{resolved}: the run was trained with prompt {trained_prompt}, not "
+                            f"{dataclasses.asdict(cfg.prompt)}; pass the run's --ablation_config.")
+    if problems:
+        raise UserError(problems)
+    return final
+
+
+def start_distributed(rank: int) -> bool:
+    """Process group, CPU-only work-arounds and quiet libraries; returns whether this is a CPU-only machine."""
     # Host memory in 2 MB pages: far fewer page faults when offloaded parameters, optimizer states and activations
     # churn through CPU memory (measured on the CPU demo: 22 -> 18 s/step). Read once, when torch first allocates.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
@@ -1132,83 +1316,127 @@ def run(args: argparse.Namespace) -> Path:
     warnings.filterwarnings("ignore", category=FutureWarning)  # thousands of torch.distributed deprecation lines
     ensure_process_group_env()
     cpu_only = prepare_cpu_only_environment()
-    import torch.distributed as dist
-    from transformers import Trainer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_warning() if rank == 0 else hf_logging.set_verbosity_error()
+    return cpu_only
 
-    # Data: every split is read, checked and encoded before the model is loaded.
-    tokenizer = load_tokenizer(model_path)
-    encoder = PromptEncoder(tokenizer, cfg.training.max_length)
-    data_base = config_path.parent
-    splits = {"train": cfg.data.train_file, "validation": cfg.data.validation_file}
-    encoded, stats = {}, {}
-    for split, file in splits.items():
-        if file is not None:
-            examples, _, stats[split] = build_split(resolve_path(file, data_base), split, cfg, encoder)
-            encoded[split] = examples
-    for split, s in stats.items():
-        logger.info("%s: %d records -> %d examples (%d dropped as too long, %d with history shortened), ids sha256 %s",
-                    split, s.records, s.examples, s.dropped_too_long, s.history_shortened, s.ids_sha256[:12])
 
-    # DeepSpeed config, then TrainingArguments, then the model (partitioned by zero.Init).
-    ds_config = custom_ds if custom_ds is not None else generate_deepspeed_config(
-        cfg.deepspeed, cfg.model.dtype, load_model_config(model_path))
-    training_args = build_training_arguments(cfg, output_dir, ds_config, "validation" in encoded, cpu_only)
-    world_size = training_args.world_size
-    if rank == 0:
-        if args.overwrite_output_dir and output_dir.exists():
-            clear_output_dir(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        ds_name = args.deepspeed_config.name if custom_ds is not None else GENERATED_DS_CONFIG_NAME
-        write_json_atomic(output_dir / DS_CONFIG_DIRNAME / ds_name, ds_config)
-        resolved = {
-            **dataclasses.asdict(cfg),
-            "ablation": {"name": ablation_name, **dataclasses.asdict(ablation)},
-            "cli": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "deepspeed_config_file": str(output_dir / DS_CONFIG_DIRNAME / ds_name),
-            "model_path": model_path,
-        }
-        write_json_atomic(output_dir / RESOLVED_CONFIG_NAME, resolved)
-        logger.info("Resolved config:\n%s", json.dumps(resolved, indent=2))
-    dist.barrier()
-    if cpu_only and world_size == 1 and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
-        logger.warning("accelerate started one process. If you asked for several: on a CPU-only machine add "
-                       "--use_deepspeed to `accelerate launch`.")
-    t = cfg.training
-    logger.info("World size %d; effective global batch size %d = batch_size %d x gradient_accumulation_steps %d x "
-                "%d processes.", world_size, t.batch_size * t.gradient_accumulation_steps * world_size,
-                t.batch_size, t.gradient_accumulation_steps, world_size)
+def build_splits(plan: RunPlan, encoder: PromptEncoder, names: tuple[str, ...]) -> dict[str, Split]:
+    """Read, check and encode the named splits (train / validation / test) before the model is loaded."""
+    files = {"train": plan.cfg.data.train_file, "validation": plan.cfg.data.validation_file,
+             "test": plan.cfg.data.test_file}
+    splits = {}
+    for name in names:
+        if files[name] is not None:
+            splits[name] = build_split(resolve_path(files[name], plan.config_path.parent), name, plan.cfg, encoder)
+            s = splits[name].stats
+            logger.info("%s: %d records -> %d examples (%d dropped as too long, %d with history shortened), "
+                        "ids sha256 %s", name, s.records, s.examples, s.dropped_too_long, s.history_shortened,
+                        s.ids_sha256[:12])
+    return splits
 
-    model = load_model(model_path, cfg)
-    offload_stats = OffloadStats()
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=_as_dataset(encoded["train"]),
-        eval_dataset=_as_dataset(encoded["validation"]) if "validation" in encoded else None,
-        processing_class=tokenizer,
-        data_collator=SupervisedPositionsCollator(tokenizer),
-        callbacks=make_callbacks(cfg, ds_config, offload_stats),
-    )
-    resume = resolve_resume(args.resume_from_checkpoint, output_dir)
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    eval_metrics = final_evaluation(trainer) if "validation" in encoded else {}
 
-    # final/: consolidated 16-bit weights (gathered by every rank) + tokenizer, renamed into place when complete.
-    staging = output_dir / f".{FINAL_DIRNAME}.tmp"
+def write_run_files(plan: RunPlan, args: argparse.Namespace, ds_config: dict) -> None:
+    """Rank 0: clear an overwritten run, save the DeepSpeed config used and resolved_config.json."""
+    out = plan.output_dir
+    if args.overwrite_output_dir and out.exists():
+        clear_output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds_name = args.deepspeed_config.name if plan.custom_ds is not None else GENERATED_DS_CONFIG_NAME
+    write_json_atomic(out / DS_CONFIG_DIRNAME / ds_name, ds_config)
+    resolved = {
+        **dataclasses.asdict(plan.cfg),
+        "ablation": {"name": plan.ablation_name, **dataclasses.asdict(plan.ablation)},
+        "cli": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "deepspeed_config_file": str(out / DS_CONFIG_DIRNAME / ds_name),
+        "model_path": plan.model_path,
+    }
+    write_json_atomic(out / RESOLVED_CONFIG_NAME, resolved)
+    logger.info("Resolved config:\n%s", json.dumps(resolved, indent=2))
+
+
+def save_final_model(trainer: Any, output_dir: Path, rank: int) -> Path:
+    """final/: consolidated 16-bit weights (gathered by every rank) + tokenizer, renamed into place when complete."""
+    import torch.distributed as dist
+
+    staging, final = output_dir / f".{FINAL_DIRNAME}.tmp", output_dir / FINAL_DIRNAME
     trainer.model.config.use_cache = True  # users generate from final/: give them the cache back
     trainer.save_model(str(staging))
     dist.barrier()
     if rank == 0:
-        final = output_dir / FINAL_DIRNAME
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
+    return final
+
+
+def run_test_evaluation(trainer: Any, tokenizer: Any, test: Split, cfg: Config) -> tuple[dict, list[dict]] | None:
+    """Test loss, perplexity and greedy answers (metrics on rank 0, None elsewhere)."""
+    n = min(len(test.examples), cfg.evaluation.max_test_examples or len(test.examples))
+    logger.info("Test evaluation: loss and greedy answers for %d of %d test examples.", n, len(test.examples))
+    rows = evaluate_test(trainer.model, tokenizer, test.examples[:n], test.ids[:n], test.targets[:n],
+                         cfg.training.eval_batch_size, cfg.evaluation.max_new_tokens)
+    if rows is None:
+        return None
+    metrics = score_predictions(rows, len(test.examples))
+    logger.info("Test: loss %.4f, perplexity %.3f, exact match %.3f%s", metrics["loss"], metrics["perplexity"],
+                metrics["exact_match"], f", MAE {metrics['mae']}, RMSE {metrics['rmse']}, "
+                f"{metrics['unparsable']} unparsable" if metrics["numeric"] else "")
+    return metrics, rows
+
+
+def run(args: argparse.Namespace) -> Path:
+    """parse -> check -> data -> DeepSpeed config -> TrainingArguments -> model -> train -> evaluate -> save."""
+    started = time.time()
+    rank = int(os.environ.get("RANK", "0"))
+    plan = plan_run(args)  # everything the user wrote is checked before anything heavy is imported
+    cfg, t = plan.cfg, plan.cfg.training
+    cpu_only = start_distributed(rank)
+    import torch.distributed as dist
+    from transformers import Trainer
+
+    tokenizer = load_tokenizer(plan.model_path)
+    encoder = PromptEncoder(tokenizer, t.max_length)
+    splits = build_splits(plan, encoder, ("test",) if args.do_eval_only else ("train", "validation", "test"))
+
+    # DeepSpeed config, then TrainingArguments, then the model (partitioned by zero.Init).
+    ds_config = plan.custom_ds if plan.custom_ds is not None else generate_deepspeed_config(
+        cfg.deepspeed, cfg.model.dtype, load_model_config(plan.model_path))
+    training_args = build_training_arguments(cfg, plan.output_dir, ds_config, "validation" in splits, cpu_only)
+    world_size = training_args.world_size
+    if rank == 0 and not args.do_eval_only:
+        write_run_files(plan, args, ds_config)
+    dist.barrier()
+    if cpu_only and world_size == 1 and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+        logger.warning("accelerate started one process. If you asked for several: on a CPU-only machine add "
+                       "--use_deepspeed to `accelerate launch`.")
+    logger.info("World size %d; effective global batch size %d = batch_size %d x gradient_accumulation_steps %d x "
+                "%d processes.", world_size, t.batch_size * t.gradient_accumulation_steps * world_size,
+                t.batch_size, t.gradient_accumulation_steps, world_size)
+
+    offload_stats = OffloadStats()
+    trainer = Trainer(
+        model=load_model(plan.model_path, cfg),
+        args=training_args,
+        train_dataset=_as_dataset(splits["train"].examples) if "train" in splits else None,
+        eval_dataset=_as_dataset(splits["validation"].examples) if "validation" in splits else None,
+        processing_class=tokenizer,
+        data_collator=SupervisedPositionsCollator(tokenizer),
+        callbacks=make_callbacks(cfg, ds_config, offload_stats),
+    )
+    results: dict[str, Any] = {}
+    if args.do_eval_only:
+        # The Trainer builds the DeepSpeed inference engine on its first evaluation; one example per rank suffices.
+        trainer.evaluate(_as_dataset(splits["test"].examples[:world_size]))
+    else:
+        resume = resolve_resume(args.resume_from_checkpoint, plan.output_dir)
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        eval_metrics = final_evaluation(trainer) if "validation" in splits else {}
+        final = save_final_model(trainer, plan.output_dir, rank)
         results = {
-            "ablation": ablation_name,
-            "ablation_description": ablation.description,
+            "ablation": plan.ablation_name,
+            "ablation_description": plan.ablation.description,
             "prompt": dataclasses.asdict(cfg.prompt),  # what the prompt held (--set may refine the ablation)
             "train": train_result.metrics,
             "eval": eval_metrics,
@@ -1216,7 +1444,7 @@ def run(args: argparse.Namespace) -> Path:
             "global_step": trainer.state.global_step,
             "world_size": world_size,
             "effective_batch_size": t.batch_size * t.gradient_accumulation_steps * world_size,
-            "examples": {split: dataclasses.asdict(s) for split, s in stats.items()},
+            "examples": {name: dataclasses.asdict(split.stats) for name, split in splits.items()},
             "deepspeed": describe_engine(trainer),
             "activation_checkpointing": {
                 "enabled": t.activation_checkpointing,
@@ -1226,14 +1454,25 @@ def run(args: argparse.Namespace) -> Path:
             },
             "resumed_from": resume,
             "versions": library_versions(),
-            "wall_time_s": round(time.time() - started, 1),
             "log_history": trainer.state.log_history,
         }
-        write_json_atomic(output_dir / RESULTS_NAME, results)
-        logger.info("Done in %.0f s. Final model: %s  Results: %s", time.time() - started, final,
-                    output_dir / RESULTS_NAME)
+    tested = run_test_evaluation(trainer, tokenizer, splits["test"], cfg) if "test" in splits else None
+
+    if rank == 0:
+        if tested is not None:
+            metrics, rows = tested
+            write_text_atomic(plan.output_dir / PREDICTIONS_NAME, "".join(json.dumps(r) + "\n" for r in rows))
+            results["test"] = metrics
+        if args.do_eval_only:  # keep the training results, replace the test section
+            existing = plan.output_dir / RESULTS_NAME
+            results = {**(json.loads(existing.read_text()) if existing.is_file() else {}), "test": results["test"]}
+        else:
+            results["wall_time_s"] = round(time.time() - started, 1)
+        write_json_atomic(plan.output_dir / RESULTS_NAME, results)
+        logger.info("Done in %.0f s. Results: %s%s", time.time() - started, plan.output_dir / RESULTS_NAME,
+                    "" if args.do_eval_only else f"  Final model: {final}")
     shutdown_distributed(cpu_only)
-    return output_dir
+    return plan.output_dir
 
 
 def final_evaluation(trainer: Any) -> dict:

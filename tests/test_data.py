@@ -109,10 +109,11 @@ def test_every_ablation_keeps_the_same_examples(tiny_tokenizer, tmp_path):
     seen = {}
     for name in ("profile_and_history", "profile_only", "history_only", "query_only"):
         cfg = td.Config(model=td.ModelConfig("x"), data=td.DataConfig(str(path)), prompt=prompt_for(name))
-        examples, ids, stats = td.build_split(path, "train", cfg, enc)
-        assert "u0005" not in ids
-        seen[name] = (tuple(ids), stats.dropped_too_long, stats.history_shortened, stats.ids_sha256)
-        assert all(len(e["input_ids"]) <= 120 for e in examples)
+        split = td.build_split(path, "train", cfg, enc)
+        assert "u0005" not in split.ids and len(split.targets) == len(split.ids) == len(split.examples)
+        stats = split.stats
+        seen[name] = (tuple(split.ids), stats.dropped_too_long, stats.history_shortened, stats.ids_sha256)
+        assert all(len(e["input_ids"]) <= 120 for e in split.examples)
     assert len(set(seen.values())) == 1, seen
     _, dropped, shortened, _ = seen["query_only"]
     assert dropped == 1 and shortened > 0

@@ -4,6 +4,7 @@ with the generated ZeRO-3 offload config; and a few steps of the real Gemma 3 27
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def finished_run(tiny_model, tmp_path_factory):
     data = base / "data"
     write_jsonl(data / "train.jsonl", make_records(64, seed=1))
     write_jsonl(data / "validation.jsonl", make_records(16, seed=2, prefix="v"))
-    config = write_config(base / "config.json", tiny_model, data)
+    write_jsonl(data / "test.jsonl", make_records(11, seed=3, prefix="t"))  # odd: the ranks' shards differ in size
+    config = write_config(base / "config.json", tiny_model, data, data={"test_file": str(data / "test.jsonl")},
+                          evaluation={"max_new_tokens": 4})
     out = base / "run"
     proc = run_script(["--config", str(config), "--ablation_config", "profile_and_history", "--output_dir", str(out)])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -85,6 +88,38 @@ def test_loss_fell_and_outputs_are_complete(finished_run):
     assert resolved["training"]["max_steps"] == 12 and resolved["prompt"]["include_history"] is True
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
     assert not list(out.glob(".*tmp*"))  # no staging leftovers
+
+
+def test_test_set_is_evaluated_with_predictions_for_every_example(finished_run):
+    out = finished_run["out"]
+    lines = (out / td.PREDICTIONS_NAME).read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["id"] for r in rows] == [f"t{i:04d}" for i in range(11)]  # one line each, in file order
+    assert all(r["loss"] > 0 and r["target_tokens"] >= 2 and isinstance(r["prediction"], str) for r in rows)
+    test = read(out / td.RESULTS_NAME)["test"]
+    assert test["examples"] == test["generated"] == 11 and test["numeric"] is False
+    weighted = sum(r["loss"] * r["target_tokens"] for r in rows) / sum(r["target_tokens"] for r in rows)
+    assert test["loss"] == pytest.approx(weighted) and test["perplexity"] == pytest.approx(math.exp(weighted))
+    assert test["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / 11)
+    # The per-example losses agree with a plain forward pass of the saved model.
+    final = out / td.FINAL_DIRNAME
+    assert test["loss"] == pytest.approx(validation_loss(final, final, finished_run["data"] / "test.jsonl"), rel=0.05)
+
+
+def test_eval_only_rescores_a_finished_run(finished_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run["out"], out, ignore=shutil.ignore_patterns("checkpoint-*"))
+    before = read(out / td.RESULTS_NAME)
+    proc = run_script(["--config", str(finished_run["config"]), "--output_dir", str(out), "--do_eval_only",
+                       "--set", "evaluation.max_test_examples=5"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    after = read(out / td.RESULTS_NAME)
+    assert after["test"]["generated"] == 5 and after["test"]["examples"] == 11
+    assert len((out / td.PREDICTIONS_NAME).read_text().splitlines()) == 5
+    assert after["train"] == before["train"] and after["log_history"] == before["log_history"]
+    wrong = run_script(["--config", str(finished_run["config"]), "--output_dir", str(out), "--do_eval_only",
+                        "--ablation_config", "query_only"], processes=None)
+    assert wrong.returncode == 2 and "pass the run's --ablation_config" in wrong.stderr
 
 
 def test_final_model_reloads_and_beats_the_initial_weights(finished_run, tiny_model):
