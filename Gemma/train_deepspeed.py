@@ -69,9 +69,19 @@ START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 class UserError(Exception):
     """A problem the user can fix (config, data, flags). Printed as a message on rank 0, never as a traceback."""
 
+    exit_code = 2
+
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class TrainingStopped(UserError):
+    """Training ended early on purpose (preemption, divergence); the message says how to continue."""
+
+    def __init__(self, problems: str | list[str], exit_code: int):
+        super().__init__(problems)
+        self.exit_code = exit_code
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -231,8 +241,11 @@ def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        non_none = [a for a in args if a is not type(None)]
-        return _check_value(value, non_none[0], where, problems)
+        inner: list[str] = []
+        checked = _check_value(value, next(a for a in args if a is not type(None)), where, inner)
+        # "expected an integer, got ..." -> "expected an integer or null, got ..."
+        problems += [p.replace(", got ", " or null, got ", 1) if "expected" in p else p for p in inner]
+        return checked
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{where}: expected an object, got {json.dumps(value)}.")
@@ -340,7 +353,6 @@ def validate_config(cfg: Config, config_path: Path) -> list[str]:
     for key in ("max_length", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps",
                 "save_steps"):
         need(getattr(t, key) >= 1, f"training.{key}", f"must be at least 1, got {getattr(t, key)}.")
-    need(t.max_length >= 16, "training.max_length", f"{t.max_length} cannot hold a prompt and a target; use 256+.")
     need(t.learning_rate > 0, "training.learning_rate", f"must be positive, got {t.learning_rate}.")
     need(t.max_steps is None or t.max_steps >= 1, "training.max_steps", "must be at least 1, or null to use epochs.")
     need(t.max_steps is not None or t.num_train_epochs > 0, "training.num_train_epochs",
@@ -377,11 +389,33 @@ def validate_config(cfg: Config, config_path: Path) -> list[str]:
         if not (model_path / "config.json").is_file():
             problems.append(f"{where}: model.model_name_or_path: {model_path} has no config.json; point it at a "
                             "directory written by save_pretrained (for the demo model: python Gemma/prepare_gemma.py).")
+        else:
+            problems += check_model_type(model_path / "config.json", where)
     elif not _looks_like_hub_id(cfg.model.model_name_or_path):
         problems.append(f"{where}: model.model_name_or_path: directory not found: {model_path}. For the demo model "
                         "run `python Gemma/prepare_gemma.py`; otherwise give a local directory or a hub id like "
                         "google/gemma-3-270m.")
     return problems
+
+
+def check_model_type(model_config_path: Path, where: str) -> list[str]:
+    """This tool writes Gemma chat turns and relies on Gemma's <end_of_turn>: other architectures are refused."""
+    try:
+        model_type = json.loads(model_config_path.read_text(encoding="utf-8")).get("model_type", "")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return [f"{model_config_path}: unreadable model config ({e})."]
+    if not str(model_type).startswith("gemma"):
+        return [f"{where}: model.model_name_or_path: {model_config_path.parent} is a {model_type!r} model, not a "
+                "Gemma (gemma, gemma2, gemma3...). This tool builds Gemma chat turns; use a Gemma checkpoint."]
+    return []
+
+
+def check_precision(dtype: str, cuda: bool, bf16_supported: bool, device_name: str) -> list[str]:
+    """bf16 needs an Ampere or newer GPU (A100, H100, ...). CPUs run DeepSpeed's bf16 engine, so they pass."""
+    if dtype == "bfloat16" and cuda and not bf16_supported:
+        return [f"model.dtype is bfloat16 but {device_name} has no bf16 support. Set model.dtype to float16 (with "
+                "DeepSpeed's loss scaling) or float32 in config.json, or pass --set model.dtype=float32."]
+    return []
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -496,15 +530,18 @@ def read_records(path: Path, fields: FieldNames) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors are re-explained below, once
     builder = DATA_EXTENSIONS[path.suffix.lower()]
+    if builder != "parquet" and path.stat().st_size < 4096 and not path.read_bytes().strip():
+        raise UserError(f"{path}: the file holds no records.")  # datasets' own error for this is cryptic
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+        rows = ds.to_list()  # Arrow defers some decoding (invalid UTF-8) to here
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the file and the line
         raise UserError(_explain_unreadable(path, e)) from None
-    if len(ds) == 0:
+    if not rows:
         raise UserError(f"{path}: the file holds no records.")
     rename = {getattr(fields, name): name for name in ("profile", "history", "query", "target", "id")}
-    rows = ds.to_list()
     records = [{canon: row.get(col) for col, canon in rename.items()} for row in rows]
     if builder == "csv":  # CSV cells are text: profile and history may hold JSON objects/lists
         for rec in records:
@@ -596,6 +633,15 @@ class PromptEncoder:
         if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
             raise UserError(f"the tokenizer has no {END_OF_TURN} token: is model.model_name_or_path a Gemma model?")
         self.bos_id = tokenizer.bos_token_id
+
+    def check_fixed_parts(self) -> None:
+        """The turn markers, BOS and the query label alone must leave room for a target."""
+        empty = {"profile": None, "history": None, "query": ""}
+        fixed = len(self.prompt_ids(render_user_message(empty, False, False, 0))) + 2  # + one target token + <eot>
+        if self.max_length < fixed:
+            raise UserError(f"training.max_length={self.max_length} is smaller than the fixed prompt parts "
+                            f"({fixed} tokens: BOS, turn markers, section labels and a one-token answer). Raise "
+                            "training.max_length (256 or more is typical).")
 
     def prompt_text(self, user_message: str) -> str:
         if self.tokenizer.chat_template:
@@ -1059,6 +1105,84 @@ def describe_engine(trainer: Any) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Faults: preemption (SIGTERM) saves at the next step boundary; a non-finite loss or gradient stops before saving.
+# ----------------------------------------------------------------------------------------------------------------------
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a job that stopped on their signal
+EXIT_DIVERGED = 3
+
+
+def make_fault_guard(trainer_ref: dict) -> Any:
+    """A callback that, once per optimizer step, agrees across ranks (one tiny all-reduce) on whether to stop:
+    every rank must save, or stop, at the same step, because ZeRO-3 saving is collective."""
+    import signal
+
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class FaultGuard(TrainerCallback):
+        def __init__(self):
+            self.preempt_requested = False
+            self.nonfinite_loss = False
+            self.preempted_at: int | None = None
+            self.diverged_at: int | None = None
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+        def _on_sigterm(self, signum, frame):
+            self.preempt_requested = True  # acted on at the next step boundary, on every rank together
+
+        def saw_loss(self, loss) -> None:
+            if not torch.isfinite(loss.detach()).all():
+                self.nonfinite_loss = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            engine = trainer_ref["trainer"].model_wrapped
+            grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+            bad = self.nonfinite_loss or (grad_norm is not None and not math.isfinite(float(grad_norm)))
+            flags = torch.tensor([float(self.preempt_requested), float(bad)], device=args.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            preempt, bad = (bool(x) for x in flags.tolist())
+            if bad:  # the weights may already be broken: no checkpoint of them, no evaluation
+                self.diverged_at = state.global_step
+                control.should_save = control.should_evaluate = False
+                control.should_training_stop = True
+            elif preempt:
+                self.preempted_at = state.global_step
+                control.should_save = control.should_training_stop = True
+            return control
+
+    return FaultGuard()
+
+
+def make_trainer_class(guard: Any) -> type:
+    """The Trainer, with each micro-batch's loss shown to the fault guard (no host sync: the check is lazy)."""
+    from transformers import Trainer
+
+    class GuardedTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            guard.saw_loss(loss)
+            return loss
+
+    return GuardedTrainer
+
+
+def raise_if_stopped(guard: Any, output_dir: Path) -> None:
+    last = last_complete_checkpoint(output_dir)
+    if guard.diverged_at is not None:
+        raise TrainingStopped(
+            f"training diverged: the loss or the gradient norm became NaN or infinite at step {guard.diverged_at}. "
+            f"Nothing was saved after it; the last good checkpoint is {last or 'none (no checkpoint yet)'}. Lower "
+            "training.learning_rate or raise warmup_ratio, then resume from that checkpoint or start over.",
+            EXIT_DIVERGED)
+    if guard.preempted_at is not None:
+        raise TrainingStopped(
+            f"preempted (SIGTERM): saved {last} at step {guard.preempted_at} and stopped. Rerun the same command "
+            "with --resume_from_checkpoint auto to continue.", EXIT_PREEMPTED)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Test-set evaluation: per-example loss and greedy answers on every rank in step, then task metrics.
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -1211,18 +1335,78 @@ def clear_output_dir(output_dir: Path) -> None:
         (output_dir / name).unlink(missing_ok=True)
 
 
+def checkpoint_is_complete(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last, after the model and every rank's DeepSpeed shards (DeepSpeed
+    saves collectively, with a barrier): a checkpoint killed mid-write lacks it, or holds a truncated one."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    step = path.name.rpartition("-")[2]
+    return step.isdigit() and state.get("global_step") == int(step)
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The highest-step complete checkpoint-N in output_dir (incomplete ones are reported and skipped)."""
+    candidates = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.rpartition("-")[2].isdigit()]
+    for path in sorted(candidates, key=lambda p: int(p.name.rpartition("-")[2]), reverse=True):
+        if checkpoint_is_complete(path):
+            return path
+        logger.warning("%s is incomplete (interrupted while saving); skipping it.", path)
+    return None
+
+
+def check_output_writable(output_dir: Path, need_bytes: int | None) -> None:
+    """Fail now, not after hours of training, when the output directory cannot take a checkpoint."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{output_dir}: cannot write there ({e.strerror or e}). Free some space, fix the permissions, "
+                        "or choose another --output_dir.") from None
+    free = shutil.disk_usage(output_dir).free
+    if need_bytes is not None and free < need_bytes:
+        logger.warning("%s: %.1f GB free, but checkpoints and final/ may need about %.1f GB (estimate). Lower "
+                       "training.save_total_limit or free some space.", output_dir, free / 1e9, need_bytes / 1e9)
+
+
+def count_parameters(model_dir: Path) -> int | None:
+    """Parameter count from the safetensors headers (no weights are read); None when unknown (hub ids, .bin)."""
+    files = list(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def storage_estimate(n_params: int | None, cfg: Config) -> int | None:
+    """Bytes for the kept checkpoints (16-bit weights twice, fp32 master weights and Adam moments: about 16 bytes per
+    parameter) while one more is being written, plus final/ (2 bytes per parameter in 16 bits)."""
+    if n_params is None:
+        return None
+    kept = (cfg.training.save_total_limit or 10) + 1
+    return n_params * (16 * kept + 2)
+
+
 def resolve_resume(resume: str | None, output_dir: Path) -> str | None:
     if resume is None:
         return None
     if resume == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        last = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
         if last is None:
             logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting from the beginning.", output_dir)
-        return last
-    if not Path(resume).is_dir():
-        raise UserError(f"--resume_from_checkpoint: {resume} is not a checkpoint directory (or use 'auto').")
+        return str(last) if last else None
+    if not checkpoint_is_complete(Path(resume)):
+        raise UserError(f"--resume_from_checkpoint: {resume} is not a complete checkpoint directory (or use 'auto').")
     return resume
 
 
@@ -1283,6 +1467,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         model_path = str(check_eval_only(output_dir, cfg))
     else:
         check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+        check_output_writable(output_dir, storage_estimate(count_parameters(Path(model_path)), cfg))
     return RunPlan(cfg, config_path, ablation_name, ablation, custom_ds, output_dir, model_path)
 
 
@@ -1306,8 +1491,9 @@ def check_eval_only(output_dir: Path, cfg: Config) -> Path:
     return final
 
 
-def start_distributed(rank: int) -> bool:
-    """Process group, CPU-only work-arounds and quiet libraries; returns whether this is a CPU-only machine."""
+def start_distributed(rank: int, dtype: str) -> bool:
+    """Process group, CPU-only work-arounds, a precision the hardware has, quiet libraries; returns whether this is
+    a CPU-only machine."""
     # Host memory in 2 MB pages: far fewer page faults when offloaded parameters, optimizer states and activations
     # churn through CPU memory (measured on the CPU demo: 22 -> 18 s/step). Read once, when torch first allocates.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
@@ -1316,7 +1502,13 @@ def start_distributed(rank: int) -> bool:
     warnings.filterwarnings("ignore", category=FutureWarning)  # thousands of torch.distributed deprecation lines
     ensure_process_group_env()
     cpu_only = prepare_cpu_only_environment()
+    import torch
     from transformers.utils import logging as hf_logging
+
+    if torch.cuda.is_available():
+        problems = check_precision(dtype, True, torch.cuda.is_bf16_supported(), torch.cuda.get_device_name())
+        if problems:
+            raise UserError(problems)
 
     hf_logging.set_verbosity_warning() if rank == 0 else hf_logging.set_verbosity_error()
     return cpu_only
@@ -1392,17 +1584,21 @@ def run(args: argparse.Namespace) -> Path:
     rank = int(os.environ.get("RANK", "0"))
     plan = plan_run(args)  # everything the user wrote is checked before anything heavy is imported
     cfg, t = plan.cfg, plan.cfg.training
-    cpu_only = start_distributed(rank)
+    cpu_only = start_distributed(rank, cfg.model.dtype)
     import torch.distributed as dist
-    from transformers import Trainer
 
     tokenizer = load_tokenizer(plan.model_path)
     encoder = PromptEncoder(tokenizer, t.max_length)
+    encoder.check_fixed_parts()
     splits = build_splits(plan, encoder, ("test",) if args.do_eval_only else ("train", "validation", "test"))
 
     # DeepSpeed config, then TrainingArguments, then the model (partitioned by zero.Init).
+    model_config = load_model_config(plan.model_path)
+    if not str(model_config.get("model_type", "")).startswith("gemma"):  # hub ids are only checked here
+        raise UserError(f"{plan.model_path} is a {model_config.get('model_type')!r} model, not a Gemma. This tool "
+                        "builds Gemma chat turns; use a Gemma checkpoint.")
     ds_config = plan.custom_ds if plan.custom_ds is not None else generate_deepspeed_config(
-        cfg.deepspeed, cfg.model.dtype, load_model_config(plan.model_path))
+        cfg.deepspeed, cfg.model.dtype, model_config)
     training_args = build_training_arguments(cfg, plan.output_dir, ds_config, "validation" in splits, cpu_only)
     world_size = training_args.world_size
     if rank == 0 and not args.do_eval_only:
@@ -1416,15 +1612,18 @@ def run(args: argparse.Namespace) -> Path:
                 t.batch_size, t.gradient_accumulation_steps, world_size)
 
     offload_stats = OffloadStats()
-    trainer = Trainer(
+    trainer_ref: dict[str, Any] = {}
+    guard = make_fault_guard(trainer_ref)
+    trainer = make_trainer_class(guard)(
         model=load_model(plan.model_path, cfg),
         args=training_args,
         train_dataset=_as_dataset(splits["train"].examples) if "train" in splits else None,
         eval_dataset=_as_dataset(splits["validation"].examples) if "validation" in splits else None,
         processing_class=tokenizer,
         data_collator=SupervisedPositionsCollator(tokenizer),
-        callbacks=make_callbacks(cfg, ds_config, offload_stats),
+        callbacks=[*make_callbacks(cfg, ds_config, offload_stats), guard],
     )
+    trainer_ref["trainer"] = trainer
     results: dict[str, Any] = {}
     if args.do_eval_only:
         # The Trainer builds the DeepSpeed inference engine on its first evaluation; one example per rank suffices.
@@ -1432,6 +1631,7 @@ def run(args: argparse.Namespace) -> Path:
     else:
         resume = resolve_resume(args.resume_from_checkpoint, plan.output_dir)
         train_result = trainer.train(resume_from_checkpoint=resume)
+        raise_if_stopped(guard, plan.output_dir)
         eval_metrics = final_evaluation(trainer) if "validation" in splits else {}
         final = save_final_model(trainer, plan.output_dir, rank)
         results = {
@@ -1498,7 +1698,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if rank == 0:  # every rank finds the same problem; one copy of the message is enough
             print("error: " + "\n       ".join(e.problems), file=sys.stderr, flush=True)
-        return 2
+        if isinstance(e, TrainingStopped):
+            shutdown_distributed(cpu_only=True)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
     return 0

@@ -1,0 +1,195 @@
+"""Every bad input ends the real CLI with exit code 2, a message naming the file, key or record and the fix, no
+traceback, and before the model is loaded ("World size" is logged just before the model loads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import train_deepspeed as td
+from conftest import make_records, run_script, write_config, write_jsonl
+
+MODEL_LOADING_MARKERS = ("World size", "Loading weights", "Activation checkpointing:")
+
+
+def _data(tmp: Path, records: list[dict] | None = None, name: str = "train.jsonl") -> Path:
+    return write_jsonl(tmp / "data" / name, records if records is not None else make_records(8))
+
+
+def _records(**changes) -> list[dict]:
+    records = make_records(8)
+    for index_key, value in changes.items():
+        index, key = index_key.split("__")
+        if value is ...:
+            records[int(index)].pop(key)
+        else:
+            records[int(index)][key] = value
+    return records
+
+
+def setup_case(case: str, tmp: Path, model: Path) -> list[str]:
+    """Writes the files for one bad input; returns the CLI arguments (config and output dir included)."""
+    data = tmp / "data"
+    _data(tmp)
+    _data(tmp, make_records(4, prefix="v"), "validation.jsonl")
+    training, sections, extra = {}, {}, []
+    model_dir = model
+    if case == "missing_config":
+        return ["--config", str(tmp / "nope.json"), "--output_dir", str(tmp / "out")]
+    if case == "invalid_json":
+        (tmp / "config.json").write_text('{"model": {"model_name_or_path": "x",}}')
+        return ["--config", str(tmp / "config.json"), "--output_dir", str(tmp / "out")]
+    if case == "unknown_key":
+        training = {"batchsize": 2}
+    elif case == "wrong_type":
+        training = {"max_steps": "ten"}
+    elif case == "batch_size_zero":
+        training = {"batch_size": 0}
+    elif case == "negative_learning_rate":
+        training = {"learning_rate": -0.1}
+    elif case == "max_length_below_fixed_parts":
+        training = {"max_length": 8}
+    elif case == "eval_without_validation":
+        sections["data"] = {"validation_file": None}
+    elif case == "missing_data_file":
+        sections["data"] = {"train_file": str(data / "missing.jsonl")}
+    elif case == "unsupported_extension":
+        (data / "train.txt").write_text("hello")
+        sections["data"] = {"train_file": str(data / "train.txt")}
+    elif case == "several_config_problems":
+        training = {"batch_size": 0, "learning_rate": -1, "seedd": 1}
+    elif case == "unknown_ablation":
+        extra = ["--ablation_config", "profile_and_histroy"]
+    elif case == "bad_ablation_file":
+        (tmp / "abl.json").write_text(json.dumps({"description": "x", "include_profiles": True,
+                                                  "include_history": "yes"}))
+        extra = ["--ablation_config", str(tmp / "abl.json")]
+    elif case == "empty_data_file":
+        (data / "train.jsonl").write_text("")
+    elif case == "malformed_jsonl_line":
+        (data / "train.jsonl").write_text(json.dumps(make_records(1)[0]) + "\n{not json}\n")
+    elif case == "missing_query":
+        _data(tmp, _records(**{"2__query": ...}))
+    elif case == "missing_target":
+        _data(tmp, _records(**{"0__target": ...}))
+    elif case == "missing_profile_needed":
+        _data(tmp, _records(**{"3__profile": ...}))
+    elif case == "history_not_a_list":
+        records = make_records(3)
+        for r in records:
+            r["history"] = "watched three films"
+        _data(tmp, records)
+    elif case == "target_longer_than_max_length":
+        _data(tmp, _records(**{"1__target": "word " * 300}))
+    elif case == "non_utf8":
+        (data / "train.jsonl").write_bytes(json.dumps(make_records(1)[0]).encode() + b'\n{"query": "caf\xe9"}\n')
+    elif case == "deepspeed_config_missing":
+        extra = ["--deepspeed_config", str(tmp / "ds.json")]
+    elif case == "deepspeed_config_invalid_json":
+        (tmp / "ds.json").write_text('{"zero_optimization": {"stage": 3}')
+        extra = ["--deepspeed_config", str(tmp / "ds.json")]
+    elif case == "deepspeed_stage_2":
+        (tmp / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}))
+        extra = ["--deepspeed_config", str(tmp / "ds.json")]
+    elif case == "deepspeed_contradicts_config":
+        (tmp / "ds.json").write_text(json.dumps({
+            "train_micro_batch_size_per_gpu": 16, "bf16": {"enabled": "auto"},
+            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}))
+        extra = ["--deepspeed_config", str(tmp / "ds.json")]
+    elif case == "model_without_config":
+        model_dir = tmp / "empty_model"
+        model_dir.mkdir()
+    elif case == "non_gemma_model":
+        model_dir = tmp / "llama"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    elif case == "finished_run":
+        (tmp / "out").mkdir()
+        (tmp / "out" / td.RESULTS_NAME).write_text("{}")
+    elif case == "unwritable_output_dir":
+        (tmp / "a_file").write_text("not a directory")
+        return ["--config", str(write_config(tmp / "config.json", model_dir, data)),
+                "--output_dir", str(tmp / "a_file" / "out")]
+    else:
+        raise AssertionError(case)
+    config = write_config(tmp / "config.json", model_dir, data, training=training, **sections)
+    return ["--config", str(config), "--output_dir", str(tmp / "out"), *extra]
+
+
+CASES = {
+    # config.json
+    "missing_config": ["nope.json: config file not found"],
+    "invalid_json": ["config.json: invalid JSON at line 1, column 38"],
+    "unknown_key": ["config.json: training.batchsize: unknown key; did you mean batch_size?"],
+    "wrong_type": ["config.json: training.max_steps: expected an integer or null, got \"ten\""],
+    "batch_size_zero": ["training.batch_size: must be at least 1, got 0"],
+    "negative_learning_rate": ["training.learning_rate: must be positive, got -0.1"],
+    "max_length_below_fixed_parts": ["training.max_length=8 is smaller than the fixed prompt parts", "Raise"],
+    "eval_without_validation": ["training.eval_steps: is 6 but data.validation_file is null"],
+    "missing_data_file": ["data.train_file: file not found", "missing.jsonl"],
+    "unsupported_extension": ["data.train_file: unsupported file type '.txt'", ".jsonl, .json, .csv, .parquet"],
+    "several_config_problems": ["training.batch_size: must be at least 1", "training.learning_rate: must be positive",
+                                "training.seedd: unknown key; did you mean seed?"],
+    # ablation profiles
+    "unknown_ablation": ["unknown ablation 'profile_and_histroy'", "history_only, profile_and_history, "
+                         "profile_only, query_only"],
+    "bad_ablation_file": ["abl.json: include_profiles: unknown key; did you mean include_profile?",
+                          "abl.json: include_history: expected true or false"],
+    # data
+    "empty_data_file": ["train.jsonl: the file holds no records"],
+    "malformed_jsonl_line": ["train.jsonl: line 2: invalid JSON"],
+    "missing_query": ["train.jsonl: record 3: query is missing"],
+    "missing_target": ["train.jsonl: record 1: target is missing"],
+    "missing_profile_needed": ["train.jsonl: record 4: profile is missing but this ablation includes the profile"],
+    "history_not_a_list": ["train.jsonl: record 1: history must be a list of items"],
+    "target_longer_than_max_length": ["train.jsonl: record 2: the target alone is", "Raise max_length"],
+    "non_utf8": ["train.jsonl: line 2: not valid UTF-8", "Save the file as UTF-8"],
+    # DeepSpeed
+    "deepspeed_config_missing": ["ds.json: DeepSpeed config not found"],
+    "deepspeed_config_invalid_json": ["ds.json: invalid JSON at line 1"],
+    "deepspeed_stage_2": ["ds.json: zero_optimization.stage is 2", "Set \"stage\": 3"],
+    "deepspeed_contradicts_config": ["train_micro_batch_size_per_gpu is 16 but config.json training.batch_size "
+                                     "gives 4", "\"auto\""],
+    # model
+    "model_without_config": ["empty_model has no config.json"],
+    "non_gemma_model": ["is a 'llama' model, not a Gemma"],
+    # output
+    "finished_run": ["holds a finished run", "--overwrite_output_dir"],
+    "unwritable_output_dir": ["cannot write there", "choose another --output_dir"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_reported_before_the_model_loads(case, tmp_path, tiny_model):
+    proc = run_script(setup_case(case, tmp_path, tiny_model), processes=None, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert proc.stderr.startswith("error: "), output[-3000:]
+    for phrase in CASES[case]:
+        assert phrase in proc.stderr, (phrase, proc.stderr)
+    assert "Traceback" not in output
+    for marker in MODEL_LOADING_MARKERS:
+        assert marker not in output, marker
+    assert not (tmp_path / "out" / td.RESULTS_NAME).exists() or case == "finished_run"
+
+
+def test_precision_check_names_the_fix():
+    assert td.check_precision("bfloat16", cuda=False, bf16_supported=False, device_name="cpu") == []
+    assert td.check_precision("bfloat16", cuda=True, bf16_supported=True, device_name="NVIDIA H100") == []
+    (problem,) = td.check_precision("bfloat16", cuda=True, bf16_supported=False, device_name="Tesla V100")
+    assert "Tesla V100 has no bf16 support" in problem and "model.dtype to float16" in problem
+
+
+def test_storage_estimate_and_parameter_count(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    n = td.count_parameters(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    # safetensors keeps one copy of the tied embedding, as the model does
+    assert n == sum(p.numel() for p in model.parameters())
+    cfg = td.Config(model=td.ModelConfig("x"), data=td.DataConfig("t.jsonl"),
+                    training=td.TrainingConfig(save_total_limit=2))
+    assert td.storage_estimate(n, cfg) == n * (16 * 3 + 2)
+    assert td.count_parameters(tiny_model / "nowhere") is None
