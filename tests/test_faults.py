@@ -4,7 +4,6 @@ last good checkpoint kept. Real runs under `accelerate launch --use_deepspeed --
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -65,15 +64,28 @@ def start(setup: dict, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--use_deepspeed", "--num_processes", "2",
            str(REPO / "Gemma" / "train_deepspeed.py"), "--config", str(setup["config"]), "--output_dir", str(out),
            *extra]
-    # Its own session, so that a SIGKILL can take the launcher and both ranks at once.
-    return subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    log = open(out.parent / f"{out.name}.log", "w+")  # a file, not a pipe: a full pipe would stall the ranks
+    return subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def output_of(proc: subprocess.Popen) -> str:
+    proc.stdout.seek(0)
+    return proc.stdout.read()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process below it (torch elastic starts each rank in a session of its own)."""
+    import psutil
+
+    launcher = psutil.Process(pid)
+    for process in [launcher, *launcher.children(recursive=True)]:
+        process.send_signal(signal.SIGKILL)
 
 
 def wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not td.checkpoint_is_complete(out / f"checkpoint-{step}"):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, output_of(proc)[-3000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
 
@@ -91,7 +103,7 @@ def test_sigkill_then_auto_resume_matches_an_uninterrupted_run(setup, uninterrup
     out = setup["base"] / "killed"
     proc = start(setup, out)
     wait_for_checkpoint(out, 10, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, with no chance to clean up
+    kill_tree(proc.pid)  # the launcher and both ranks at once, with no chance to clean up
     proc.wait(timeout=60)
     assert not (out / td.RESULTS_NAME).exists() and not (out / td.FINAL_DIRNAME).exists()
     # A checkpoint the kill interrupted while it was being written must be passed over.
@@ -106,7 +118,8 @@ def test_sigterm_saves_at_the_next_step_and_resumes(setup, uninterrupted):
     proc = start(setup, out)
     wait_for_checkpoint(out, 5, proc)
     proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler does; it forwards it to the ranks
-    output, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    output = output_of(proc)
     assert proc.returncode != 0
     assert "preempted (SIGTERM): saved" in output and "--resume_from_checkpoint auto" in output
     assert "Traceback (most recent call last)" not in output.split("preempted (SIGTERM)")[0]
