@@ -21,14 +21,20 @@ Launch (from the repository root):
     accelerate launch --use_deepspeed --num_processes 2 Gemma/train_deepspeed.py \\
         --config config.json --ablation_config profile_and_history --output_dir Gemma/outputs/demo
 
-    # continue an interrupted run from its latest checkpoint
+    # continue an interrupted run from its latest complete checkpoint
     accelerate launch ... --output_dir Gemma/outputs/run1 --resume_from_checkpoint auto
+
+    # evaluate a finished run's final/ model on the test file again, without training
+    accelerate launch ... --output_dir Gemma/outputs/run1 --ablation_config profile_and_history --do_eval_only
+
+A whole ablation study (every profile, then the comparison): Gemma/run_study.py. Exit codes: 0 done, 2 a problem in
+the config, data or flags (reported before the model loads), 3 training diverged, 143 preempted by SIGTERM.
 
 Precedence of settings: defaults (the dataclasses below) < config.json < ablation profile < command line (--set).
 
 The file reads top to bottom in the order data flows: config schema -> loading and validation -> command line ->
 records and prompts -> DeepSpeed config -> CPU-only work-arounds -> activation offload -> model and Trainer ->
-outputs -> main.
+faults -> test-set evaluation -> outputs -> main.
 """
 
 from __future__ import annotations
@@ -1223,14 +1229,13 @@ def score_predictions(rows: list[dict], test_examples: int) -> dict:
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                     synced: bool) -> list[str]:
+                     synced: bool, device: Any) -> list[str]:
     """Greedy answers for a batch of prompts (left-padded), cut at <end_of_turn>."""
     import torch
     from transformers import GenerationConfig
 
     eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     pad, width = tokenizer.pad_token_id, max(len(p) for p in prompts)
-    device = next(model.parameters()).device
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
@@ -1247,7 +1252,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
 
 
 def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[str], targets: list[str],
-                  batch_size: int, max_new_tokens: int) -> list[dict] | None:
+                  batch_size: int, max_new_tokens: int, device: Any) -> list[dict] | None:
     """Per-example target loss and greedy answer for every example, sharded over the ranks. Every rank runs the
     same number of batches (ZeRO-3 forwards are collective), padding its shard by repeating an example whose
     result is then dropped. Returns the rows in input order on rank 0, None elsewhere."""
@@ -1260,7 +1265,6 @@ def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[st
     shard += [shard[0] if shard else 0] * (per_rank - len(shard))
     real = len(range(rank, len(examples), world))
     collate = SupervisedPositionsCollator(tokenizer)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     rows = []
@@ -1275,7 +1279,7 @@ def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[st
             sums = torch.zeros(len(idx), device=device).index_add_(0, row_of, nll)
             counts = torch.bincount(row_of, minlength=len(idx))
             prompts = [examples[i]["input_ids"][:prompt_length(examples[i])] for i in idx]
-            answers = generate_answers(model, tokenizer, prompts, max_new_tokens, synced=world > 1)
+            answers = generate_answers(model, tokenizer, prompts, max_new_tokens, synced=world > 1, device=device)
             for j, i in enumerate(idx):
                 rows.append({"index": i, "id": ids[i], "target": targets[i], "prediction": answers[j],
                              "loss": (sums[j] / counts[j]).item(), "target_tokens": int(counts[j])})
@@ -1568,7 +1572,8 @@ def run_test_evaluation(trainer: Any, tokenizer: Any, test: Split, cfg: Config) 
     n = min(len(test.examples), cfg.evaluation.max_test_examples or len(test.examples))
     logger.info("Test evaluation: loss and greedy answers for %d of %d test examples.", n, len(test.examples))
     rows = evaluate_test(trainer.model, tokenizer, test.examples[:n], test.ids[:n], test.targets[:n],
-                         cfg.training.eval_batch_size, cfg.evaluation.max_new_tokens)
+                         cfg.training.eval_batch_size, cfg.evaluation.max_new_tokens,
+                         device=trainer.args.device)  # ZeRO-3 parameters are placeholders: ask the Trainer
     if rows is None:
         return None
     metrics = score_predictions(rows, len(test.examples))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,29 @@ def test_eval_only_rescores_a_finished_run(finished_run, tmp_path):
     wrong = run_script(["--config", str(finished_run["config"]), "--output_dir", str(out), "--do_eval_only",
                         "--ablation_config", "query_only"], processes=None)
     assert wrong.returncode == 2 and "pass the run's --ablation_config" in wrong.stderr
+
+
+def test_compare_two_tiny_runs_writes_table_csv_and_png(finished_run, tmp_path):
+    """A second ablation of the same data and config, then the comparison tool on both real runs."""
+    other = tmp_path / "query_only"
+    proc = run_script(["--config", str(finished_run["config"]), "--ablation_config", "query_only",
+                       "--output_dir", str(other)])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    csv, png = tmp_path / "comparison.csv", tmp_path / "comparison.png"
+    compare = subprocess.run([sys.executable, str(REPO / "Gemma" / "compare_ablations.py"), str(finished_run["out"]),
+                              str(other), "--csv", str(csv), "--figure", str(png)],
+                             capture_output=True, text=True, timeout=300)
+    assert compare.returncode == 0, compare.stderr
+    lines = compare.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| run | ablation | test examples |")
+    assert "| run (reference) | profile_and_history | 11 |" in lines[2]
+    assert "| query_only | query_only | 11 |" in lines[3] and " [" in lines[3]  # a difference with its interval
+    import csv as csv_module
+
+    rows = list(csv_module.DictReader(csv.open()))
+    assert [r["ablation"] for r in rows] == ["profile_and_history", "query_only"]
+    assert rows[1]["exact_match_diff"] != "" and float(rows[1]["exact_match_lo"]) <= float(rows[1]["exact_match_hi"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
 def test_final_model_reloads_and_beats_the_initial_weights(finished_run, tiny_model):
