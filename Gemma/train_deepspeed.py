@@ -410,10 +410,15 @@ def check_model_type(model_config_path: Path, where: str) -> list[str]:
         model_type = json.loads(model_config_path.read_text(encoding="utf-8")).get("model_type", "")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return [f"{model_config_path}: unreadable model config ({e})."]
-    if not str(model_type).startswith("gemma"):
-        return [f"{where}: model.model_name_or_path: {model_config_path.parent} is a {model_type!r} model, not a "
-                "Gemma (gemma, gemma2, gemma3...). This tool builds Gemma chat turns; use a Gemma checkpoint."]
-    return []
+    problem = not_gemma(model_type, str(model_config_path.parent))
+    return [f"{where}: model.model_name_or_path: {problem}"] if problem else []
+
+
+def not_gemma(model_type: Any, model: str) -> str | None:
+    if str(model_type).startswith("gemma"):
+        return None
+    return (f"{model} is a {model_type!r} model, not a Gemma (gemma, gemma2, gemma3...). This tool builds Gemma "
+            "chat turns; use a Gemma checkpoint.")
 
 
 def check_precision(dtype: str, cuda: bool, bf16_supported: bool, device_name: str) -> list[str]:
@@ -1599,9 +1604,9 @@ def run(args: argparse.Namespace) -> Path:
 
     # DeepSpeed config, then TrainingArguments, then the model (partitioned by zero.Init).
     model_config = load_model_config(plan.model_path)
-    if not str(model_config.get("model_type", "")).startswith("gemma"):  # hub ids are only checked here
-        raise UserError(f"{plan.model_path} is a {model_config.get('model_type')!r} model, not a Gemma. This tool "
-                        "builds Gemma chat turns; use a Gemma checkpoint.")
+    problem = not_gemma(model_config.get("model_type"), plan.model_path)  # hub ids are only checked here
+    if problem:
+        raise UserError(problem)
     ds_config = plan.custom_ds if plan.custom_ds is not None else generate_deepspeed_config(
         cfg.deepspeed, cfg.model.dtype, model_config)
     training_args = build_training_arguments(cfg, plan.output_dir, ds_config, "validation" in splits, cpu_only)

@@ -64,13 +64,15 @@ def start(setup: dict, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--use_deepspeed", "--num_processes", "2",
            str(REPO / "Gemma" / "train_deepspeed.py"), "--config", str(setup["config"]), "--output_dir", str(out),
            *extra]
-    log = open(out.parent / f"{out.name}.log", "w+")  # a file, not a pipe: a full pipe would stall the ranks
-    return subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    log = out.parent / f"{out.name}.log"  # a file, not a pipe: a full pipe would stall the ranks
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log
+    return proc
 
 
 def output_of(proc: subprocess.Popen) -> str:
-    proc.stdout.seek(0)
-    return proc.stdout.read()
+    return proc.log_path.read_text()
 
 
 def kill_tree(pid: int) -> None:
