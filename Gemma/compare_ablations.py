@@ -54,9 +54,8 @@ import numpy as np
 
 logger = logging.getLogger("compare_ablations")
 
-RESULTS_NAME = "results.json"
-RESOLVED_CONFIG_NAME = "resolved_config.json"
-PREDICTIONS_NAME = "predictions.jsonl"
+# The file names the training script writes: one definition, so the two can never drift apart.
+from train_deepspeed import PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME  # noqa: E402
 DEFAULT_REFERENCE_ABLATION = "profile_and_history"  # the full prompt: every other ablation removes something from it
 DEFAULT_CSV_NAME = "comparison.csv"
 DEFAULT_FIGURE_NAME = "comparison.png"

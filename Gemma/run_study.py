@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from train_deepspeed import RESULTS_NAME
+
 HERE = Path(__file__).resolve().parent
 SHIPPED_ABLATIONS = ["profile_and_history", "profile_only", "history_only", "query_only"]
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for ablation in args.ablations:
         run_dir = args.output_dir / Path(ablation).stem
         run_dirs.append(run_dir)
-        if (run_dir / "results.json").is_file():
+        if (run_dir / RESULTS_NAME).is_file():
             print(f"[study] {run_dir.name}: finished earlier, kept.", flush=True)
             continue
         cmd = launch_command(args, ablation, run_dir, cuda)
