@@ -103,6 +103,9 @@ class ModelConfig:
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "eager"
     # Weights are loaded in this dtype and DeepSpeed trains in it: bfloat16 is Gemma's native precision.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # Where the tokenizer is, when not beside the model (null: model_name_or_path). Handy for --dry_run of a model
+    # directory that holds only its config.json.
+    tokenizer_name_or_path: str | None = None
 
 
 @dataclass
@@ -163,6 +166,13 @@ class TrainingConfig:
     report_to: list[str] = field(default_factory=lambda: ["none"])
     # Recompute each decoder layer in backward instead of storing its activations: a large memory saving for ~30% compute.
     activation_checkpointing: bool = True
+    # Batch examples of similar length together (random groups, reshuffled every epoch): little padding, the same
+    # examples and labels. The longest batch comes first, so an out-of-memory shows at step 1, not hours in.
+    group_by_length: bool = True
+    # Concatenate each micro-batch into one row without padding. "auto": only with flash_attention_2, whose kernels
+    # keep the sequences apart for free; eager and sdpa also handle it (a block mask over the row), but their attention
+    # then costs (batch_size x length)^2 instead of batch_size x length^2.
+    padding_free: Literal["auto", True, False] = "auto"
 
 
 @dataclass
@@ -170,9 +180,10 @@ class DeepSpeedChoices:
     """What the generated ZeRO-3 config offloads. Ignored when --deepspeed_config is given."""
 
     # Optimizer states (12 bytes/parameter in fp32 Adam) live in CPU memory and the Adam step runs on the CPU.
-    offload_optimizer: bool = True
+    # "auto": offload only when the memory estimate (see --dry_run) says the model states do not fit on the GPUs.
+    offload_optimizer: Literal["auto", True, False] = True
     # Parameters live in CPU memory and are fetched to the GPU layer by layer: fits huge models, costs PCIe bandwidth.
-    offload_params: bool = True
+    offload_params: Literal["auto", True, False] = True
     # Page-locked CPU buffers make the offload copies faster (no effect on CPU-only machines).
     pin_memory: bool = True
     # Keep the activations that checkpointing saves (each decoder layer's inputs) in CPU memory instead of the GPU.
@@ -258,7 +269,7 @@ def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return _BAD
         return build_dataclass(tp, value, where, problems)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):  # 1 is not true, nor 0 false
             return value
         choices = [str(a) for a in typing.get_args(tp)]
         close = difflib.get_close_matches(str(value), choices, n=1)
@@ -401,6 +412,10 @@ def validate_config(cfg: Config, config_path: Path) -> list[str]:
         problems.append(f"{where}: model.model_name_or_path: directory not found: {model_path}. For the demo model "
                         "run `python Gemma/prepare_gemma.py`; otherwise give a local directory or a hub id like "
                         "google/gemma-3-270m.")
+    tokenizer = cfg.model.tokenizer_name_or_path
+    if tokenizer is not None and not resolve_path(tokenizer, base).is_dir() and not _looks_like_hub_id(tokenizer):
+        problems.append(f"{where}: model.tokenizer_name_or_path: directory not found: {resolve_path(tokenizer, base)}. "
+                        "Give a directory holding tokenizer files, a hub id, or null to use the model's.")
     return problems
 
 
@@ -515,7 +530,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "update results.json and predictions.jsonl. Pass the run's --config and --ablation_config.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config.json value, e.g. --set training.max_steps=20 (repeatable; JSON values).")
-    return p.parse_args(argv)
+    plan = p.add_argument_group(
+        "dry run", "check everything and estimate memory without loading weights or training; the hardware flags "
+                   "plan for other machines than this one (default: what this launch has).")
+    plan.add_argument("--dry_run", action="store_true",
+                      help="validate, build the data and the DeepSpeed config, print and save a report to "
+                           "<output_dir>/dry_run/ (example, token lengths, batch, memory estimate); no training.")
+    plan.add_argument("--gpus_per_node", type=int, default=None, metavar="N")
+    plan.add_argument("--num_nodes", type=int, default=None, metavar="N")
+    plan.add_argument("--gpu_memory_gib", type=float, default=None, metavar="GIB", help="memory of one GPU, e.g. 80.")
+    plan.add_argument("--cpu_memory_gib", type=float, default=None, metavar="GIB", help="host memory of one node.")
+    args = p.parse_args(argv)
+    planned = [f"--{k}" for k in ("gpus_per_node", "num_nodes", "gpu_memory_gib", "cpu_memory_gib")
+               if getattr(args, k) is not None]
+    if planned and not args.dry_run:
+        p.error(f"{', '.join(planned)} describe hardware for --dry_run; a run measures the hardware it runs on.")
+    for k in ("gpus_per_node", "num_nodes", "gpu_memory_gib", "cpu_memory_gib"):
+        if getattr(args, k) is not None and getattr(args, k) <= 0:
+            p.error(f"--{k} must be positive, got {getattr(args, k)}.")
+    if args.dry_run and args.do_eval_only:
+        p.error("--dry_run and --do_eval_only do not go together.")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -534,6 +569,9 @@ class SplitStats:
     ids_sha256: str
     mean_tokens: float
     max_tokens: int
+    p50_tokens: int = 0
+    p95_tokens: int = 0
+    max_target_tokens: int = 0  # target + <end_of_turn>: the supervised positions of the longest answer
 
 
 def read_records(path: Path, fields: FieldNames) -> list[dict]:
@@ -689,6 +727,21 @@ class PromptEncoder:
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
 
+    def section_lengths(self, rec: dict, prompt: PromptConfig, history_items: int) -> dict[str, int]:
+        """Tokens each part of encode()'s example adds; "template" is BOS, turn markers and the query label."""
+        if prompt.max_history_items is not None:
+            history_items = min(history_items, prompt.max_history_items)
+
+        def n(profile: bool, history: bool, r: dict = rec) -> int:
+            return len(self.prompt_ids(render_user_message(r, profile, history, history_items)))
+
+        template = n(False, False, {**rec, "query": ""})
+        query = n(False, False) - template
+        profile = n(prompt.include_profile, False) - template - query
+        history = n(prompt.include_profile, prompt.include_history) - template - query - profile
+        return {"template": template, "profile": profile, "history": history, "query": query,
+                "target": len(self.target_ids(rec["target"]))}
+
     def encode(self, rec: dict, prompt: PromptConfig, history_items: int) -> dict:
         if prompt.max_history_items is not None:
             history_items = min(history_items, prompt.max_history_items)
@@ -735,11 +788,13 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
     if not examples:
         raise UserError(f"{path}: no record fits in training.max_length={encoder.max_length} even without history; "
                         "raise max_length.")
-    lengths = [len(e["input_ids"]) for e in examples]
+    lengths = sorted(len(e["input_ids"]) for e in examples)
     stats = SplitStats(
         records=len(records), examples=len(examples), dropped_too_long=dropped, history_shortened=shortened,
         ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-        mean_tokens=round(sum(lengths) / len(lengths), 2), max_tokens=max(lengths),
+        mean_tokens=round(sum(lengths) / len(lengths), 2), max_tokens=lengths[-1],
+        p50_tokens=lengths[len(lengths) // 2], p95_tokens=lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
+        max_target_tokens=max(len(e["labels"]) - prompt_length(e) for e in examples),
     )
     return Split(examples, ids, targets, stats)
 
@@ -871,6 +926,217 @@ def load_custom_deepspeed_config(path: Path, cfg: Config) -> dict:
     if problems:
         raise UserError(problems)
     return ds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory plan: what a configuration needs per GPU and per node, for --dry_run and for offload "auto". Estimates,
+# never measurements: the model states follow DeepSpeed's own ZeRO-3 arithmetic, the activations an analytic count.
+# ----------------------------------------------------------------------------------------------------------------------
+
+GIB = 1024**3
+GPU_USABLE_FRACTION = 0.9  # headroom for the CUDA context, communication buffers and allocator fragmentation
+ZERO3_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host memory
+
+
+@dataclass
+class ModelShape:
+    """What the estimates need from a model: exact parameter counts from the model built on the meta device, and
+    the text decoder's dimensions from its config. No weights are read."""
+
+    model_type: str
+    total_params: int
+    largest_layer_params: int  # the module with the most parameters of its own: Gemma's embedding
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    attn_softcapping: bool  # Gemma 2: tanh on the attention scores keeps one more score-sized tensor
+    final_softcapping: bool
+    qk_norm: bool  # Gemma 3 normalises queries and keys
+
+
+@dataclass
+class Hardware:
+    gpus_per_node: int
+    nodes: int
+    gpu_memory: int | None  # bytes per GPU; None: no GPU here and none described with --gpu_memory_gib
+    cpu_memory: int | None  # bytes per node
+    source: str  # where these figures come from, for the report
+
+
+def count_model_parameters(model: Any) -> tuple[int, int]:
+    """(total, largest layer) counted like deepspeed.runtime.zero.stage3.model_to_params, which dedups tied weights by
+    data_ptr; on the meta device every data_ptr is 0, so count by identity (parameters() yields a tied weight once)."""
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest
+
+
+def model_shape(model_path: str) -> ModelShape:
+    """Build the model from its config on the meta device: exact counts without memory (Gemma 2 27B: seconds)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total, largest = count_model_parameters(model)
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    return ModelShape(
+        model_type=config.model_type, total_params=total, largest_layer_params=largest,
+        num_layers=text.num_hidden_layers, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_heads=heads, num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab_size=text.vocab_size,
+        attn_softcapping=bool(getattr(text, "attn_logit_softcapping", None)),
+        final_softcapping=bool(getattr(text, "final_logit_softcapping", None)),
+        qk_norm=config.model_type.startswith("gemma3"),
+    )
+
+
+def model_states_bytes(shape: ModelShape, hw: Hardware, offload_optimizer: bool, offload_params: bool,
+                       buffer_factor: float = ZERO3_BUFFER_FACTOR) -> tuple[int, int]:
+    """(per GPU, per node of host memory) for ZeRO-3 parameters, gradients and Adam states, with zero.Init: the
+    arithmetic of deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs. Per GPU: the largest layer
+    gathered (16-bit weights and gradients, 4 bytes each), plus this GPU's shard of the 2-byte parameters unless they
+    are offloaded, plus its shard of the 16 bytes/parameter of gradients, fp32 master weights and Adam moments unless
+    the optimizer is offloaded. DeepSpeed leaves out parameter-only offload; it follows the same terms here."""
+    p, gpus = shape.total_params, hw.gpus_per_node * hw.nodes
+    largest = 4 * shape.largest_layer_params
+    gpu = largest + int((2 * (not offload_params) + 16 * (not offload_optimizer)) * p / gpus)
+    if offload_optimizer or offload_params:
+        host = p * (16 * offload_optimizer + 2 * offload_params) / hw.nodes * buffer_factor
+        if not offload_optimizer:  # parameter-only offload: the gathered layers still pass through the host
+            host = max(host, largest * hw.gpus_per_node * buffer_factor)
+    else:
+        host = largest * hw.gpus_per_node * buffer_factor
+    return gpu, int(host)
+
+
+def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, supervised_tokens: int, attn: str,
+                     checkpointing: bool, cpu_checkpointing: bool) -> dict[str, int]:
+    """What autograd keeps for one micro-batch of batch_size x seq_len tokens in bf16 (an analytic count, checked
+    against the tensors autograd actually saves in tests/test_memory_plan.py). Per token and decoder layer:
+    four RMSNorms computed in fp32 (input and normalised output kept: 8 bytes x hidden each), the bf16 inputs of the
+    attention and MLP projections, queries and keys around RoPE (and their norms in Gemma 3), the attention output,
+    the GeGLU gate, up, activation and product (2 bytes x intermediate each); eager attention adds the softmax
+    probabilities (fp32 and bf16 copies, plus the soft-capped scores in Gemma 2) for every key. Then the final norm,
+    and logits only at the supervised positions (bf16 logits, their fp32 copy in the loss and its gradient). With
+    checkpointing, backward recomputes one layer at a time on top of what the forward pass left."""
+    h, inter = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    per_token = 4 * 8 * h + 2 * 2 * h + 2 * 2 * (q + kv) + 2 * q + 4 * 2 * inter
+    if shape.qk_norm:
+        per_token += 8 * (q + kv)
+    if attn == "eager":  # keys and values repeated to every head, then the score-sized tensors
+        per_token += 2 * 2 * q + shape.num_heads * seq_len * (4 + 2 + 2 * shape.attn_softcapping)
+    else:  # sdpa / flash attention keep q, the repeated k and v, the output and a log-sum-exp per head
+        per_token += 2 * 4 * q + 4 * shape.num_heads
+    tokens = batch_size * seq_len
+    layer = tokens * per_token
+    logit_bytes = 2 + 4 + 4 + 4 * shape.final_softcapping
+    logits = supervised_tokens * shape.vocab_size * logit_bytes
+    final_norm = tokens * 8 * h
+    layer_inputs = shape.num_layers * tokens * 2 * h  # what checkpointing keeps: each decoder layer's input
+    if not checkpointing:
+        held, host = shape.num_layers * layer, 0
+    elif cpu_checkpointing:
+        held, host = 0, layer_inputs  # the inputs wait in host memory
+    else:
+        held, host = layer_inputs, 0
+    held += logits + final_norm  # what autograd holds on the GPU when the forward pass ends
+    return {"held_after_forward": held, "gpu": held + layer * checkpointing,  # backward recomputes one layer
+            "host": host, "per_layer": layer, "logits": logits,
+            "logits_all_positions": tokens * shape.vocab_size * logit_bytes}
+
+
+OFFLOAD_ORDER = [(False, False), (True, False), (False, True), (True, True)]  # fastest first
+
+
+def choose_offload(wanted: tuple[bool | str, bool | str], gpu_need: dict[tuple[bool, bool], int],
+                   gpu_memory: int | None) -> tuple[bool, bool, str]:
+    """Resolve "auto" offload choices: the fastest combination (no offload, then optimizer only, then parameters only,
+    then both) whose estimated GPU need fits in GPU_USABLE_FRACTION of the GPU's memory. Fixed true/false choices
+    are kept. Without a GPU, "auto" means no offload: the states live in host memory either way."""
+    options = [o for o in OFFLOAD_ORDER if all(w == "auto" or w == v for w, v in zip(wanted, o))]
+    if "auto" not in wanted:
+        return options[0][0], options[0][1], "as set in config.json"
+    if gpu_memory is None:
+        opt, par = options[0]
+        return opt, par, "no GPU: parameters and optimizer states are in host memory anyway, offloading only copies"
+    usable = GPU_USABLE_FRACTION * gpu_memory
+    for opt, par in options:
+        if gpu_need[(opt, par)] <= usable:
+            return opt, par, (f"the estimated need of {gpu_need[(opt, par)] / GIB:.1f} GiB per GPU fits in "
+                              f"{GPU_USABLE_FRACTION:.0%} of {gpu_memory / GIB:.0f} GiB")
+    opt, par = options[-1]
+    return opt, par, (f"nothing fits: even this needs an estimated {gpu_need[(opt, par)] / GIB:.1f} GiB per GPU "
+                      f"of {gpu_memory / GIB:.0f} GiB; lower training.batch_size or max_length, or add GPUs")
+
+
+@dataclass
+class MemoryPlan:
+    hardware: Hardware
+    shape: ModelShape
+    batch_size: int
+    seq_len: int
+    supervised_tokens: int
+    options: list[dict]  # one row per offload combination
+    offload_optimizer: bool
+    offload_params: bool
+    reason: str
+
+
+def plan_memory(shape: ModelShape, cfg: Config, hw: Hardware, seq_len: int, supervised_tokens: int) -> MemoryPlan:
+    """Estimates for every offload combination at the configured micro-batch, and the "auto" decision."""
+    t, ds = cfg.training, cfg.deepspeed
+    act = activation_bytes(shape, t.batch_size, seq_len, supervised_tokens, cfg.model.attn_implementation,
+                           t.activation_checkpointing, ds.cpu_checkpointing)
+    act_off = activation_bytes(shape, t.batch_size, seq_len, supervised_tokens, cfg.model.attn_implementation,
+                               False, False)
+    rows, gpu_need = [], {}
+    for opt, par in OFFLOAD_ORDER:
+        gpu, host = model_states_bytes(shape, hw, opt, par)
+        gpu_need[(opt, par)] = gpu + act["gpu"]
+        rows.append({"offload_optimizer": opt, "offload_params": par, "model_states_gpu": gpu,
+                     "model_states_host_per_node": host, "activations_gpu": act["gpu"],
+                     "activations_gpu_without_checkpointing": act_off["gpu"],
+                     "activations_host_per_node": act["host"] * hw.gpus_per_node,
+                     "total_gpu": gpu + act["gpu"], "total_host_per_node": host + act["host"] * hw.gpus_per_node,
+                     "fits_gpu": None if hw.gpu_memory is None
+                     else gpu + act["gpu"] <= GPU_USABLE_FRACTION * hw.gpu_memory})
+    opt, par, reason = choose_offload((ds.offload_optimizer, ds.offload_params), gpu_need, hw.gpu_memory)
+    return MemoryPlan(hw, shape, t.batch_size, seq_len, supervised_tokens, rows, opt, par, reason)
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def detect_hardware(args: argparse.Namespace) -> Hardware:
+    """This launch's GPUs and nodes (from the launcher's environment), or the ones --dry_run was told to plan for."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    described = any(getattr(args, k, None) is not None for k in ("gpus_per_node", "num_nodes", "gpu_memory_gib"))
+    gpu_memory = None
+    if getattr(args, "gpu_memory_gib", None) is not None:
+        gpu_memory = int(args.gpu_memory_gib * GIB)
+    elif not described:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    cpu_memory = (int(args.cpu_memory_gib * GIB) if getattr(args, "cpu_memory_gib", None) is not None
+                  else None if described else host_memory_bytes())
+    return Hardware(
+        gpus_per_node=getattr(args, "gpus_per_node", None) or local,
+        nodes=getattr(args, "num_nodes", None) or max(1, world // local),
+        gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+        source="as described on the command line" if described else "this machine and launch",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1053,22 +1319,31 @@ def load_tokenizer(model_path: str):
 
 
 class SupervisedPositionsCollator:
-    """Right-pads a batch and makes the model apply its LM head only at the positions whose next token has a label.
+    """Batches examples and makes the model apply its LM head only at the positions whose next token has a label.
 
     Gemma's vocabulary is 262,144 (256,000 for Gemma 2): over a prompt the LM head costs more than all the decoder
     layers together, and the full-sequence logits are the largest activation in memory. Only the target tokens carry
     labels, so the model gets a boolean `logits_to_keep` mask and the matching `shift_labels`; its own loss function
     then computes exactly the standard loss (same sum, same token count, tied embeddings and soft-capping included).
+
+    Padded: right-padded to the longest example. Padding-free: transformers' flattening collator concatenates the
+    examples into one row whose position_ids restart at 0 for each, so attention keeps them apart; each example's
+    first label becomes -100, which it already is (the BOS). Either way the supervised positions and labels are
+    the same, so is the loss.
     """
 
-    def __init__(self, tokenizer: Any):
-        from transformers import DataCollatorForSeq2Seq
+    def __init__(self, tokenizer: Any, padding_free: bool = False, flash_attention: bool = False):
+        from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+        self.padding_free = padding_free
+        self.pad = (DataCollatorWithFlattening(return_flash_attn_kwargs=flash_attention) if padding_free
+                    else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
+        if self.padding_free:
+            features = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
         batch = self.pad(features)
         # Position t predicts token t+1: the label for position t is labels[t+1].
         next_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -1076,6 +1351,44 @@ class SupervisedPositionsCollator:
         batch["logits_to_keep"] = keep
         batch["shift_labels"] = next_labels[keep]
         return batch
+
+
+def use_padding_free(cfg: Config) -> bool:
+    if cfg.training.padding_free == "auto":
+        return cfg.model.attn_implementation == "flash_attention_2"
+    if cfg.training.padding_free and cfg.model.attn_implementation != "flash_attention_2":
+        logger.warning("padding_free with %s attention: correct, but attention then spans the whole concatenated "
+                       "micro-batch; flash_attention_2 keeps the examples apart at no extra cost.",
+                       cfg.model.attn_implementation)
+    return bool(cfg.training.padding_free)
+
+
+class LengthGroupedSampler:
+    """transformers' length grouping (random mega-batches of 50 batches, each sorted by length, the longest batch
+    first) with a permutation that depends only on (seed, epoch): every rank draws the same one, which sharding the
+    batches across ranks requires, and a resumed run replays the interrupted epoch's order."""
+
+    def __init__(self, lengths: list[int], group_size: int, seed: int):
+        self.lengths, self.group_size, self.seed, self.epoch = lengths, group_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's data loader calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=generator))
+
+
+def padding_efficiency(lengths: list[list[int]]) -> float:
+    """Real tokens / tokens processed, for micro-batches of example lengths right-padded to their longest."""
+    real = sum(sum(batch) for batch in lengths)
+    return real / sum(max(batch) * len(batch) for batch in lengths)
 
 
 def make_callbacks(cfg: Config, ds_config: dict, stats: OffloadStats) -> list:
@@ -1095,6 +1408,64 @@ def make_callbacks(cfg: Config, ds_config: dict, stats: OffloadStats) -> list:
     if cpu_checkpointing:
         logger.warning("cpu_checkpointing is on but training.activation_checkpointing is false: nothing to offload.")
     return []
+
+
+def make_throughput_meter() -> Any:
+    """Times every optimizer step (from on_step_begin to on_step_end: forward, backward and optimizer, not the
+    evaluation or saving that follow) and counts the tokens the model ran, real and padding."""
+    import statistics
+
+    import torch
+    from transformers import TrainerCallback
+
+    class ThroughputMeter(TrainerCallback):
+        def __init__(self):
+            self.step_seconds: list[float] = []
+            self.processed_tokens = 0
+            self.real_tokens: Any = 0  # a device tensor until the end: no host sync per micro-batch
+            self._started = 0.0
+
+        def count(self, inputs: dict) -> None:
+            ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+            self.processed_tokens += ids.numel()
+            self.real_tokens = self.real_tokens + (mask.sum() if mask is not None else ids.numel())
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_seconds.append(time.perf_counter() - self._started)
+
+        def summary(self, device: Any) -> dict:
+            """Job-wide figures (collective: every rank calls it). The first step, which pays for warm-up, is left
+            out of the median."""
+            import resource
+
+            import torch.distributed as dist
+
+            counts = torch.tensor([float(self.real_tokens), float(self.processed_tokens)], dtype=torch.float64,
+                                  device=device)
+            dist.all_reduce(counts)
+            peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                     torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None]
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, peaks)
+            real, processed = (int(x) for x in counts.tolist())
+            seconds = sum(self.step_seconds)
+            return {
+                "steps": len(self.step_seconds),
+                "seconds_per_step": round(statistics.median(self.step_seconds[1:] or self.step_seconds), 4)
+                if self.step_seconds else None,
+                "train_step_seconds": round(seconds, 3),
+                "real_tokens": real,
+                "processed_tokens": processed,
+                "padding_efficiency": round(real / processed, 4) if processed else None,
+                "tokens_per_second": round(real / seconds, 1) if seconds else None,
+                "peak_rss_bytes": [g[0] for g in gathered],
+                "peak_gpu_memory_bytes": [g[1] for g in gathered] if torch.cuda.is_available() else None,
+            }
+
+    return ThroughputMeter()
 
 
 def describe_engine(trainer: Any) -> dict:
@@ -1166,12 +1537,17 @@ def make_fault_guard(trainer_ref: dict) -> Any:
     return FaultGuard()
 
 
-def make_trainer_class(guard: Any) -> type:
-    """The Trainer, with each micro-batch's loss shown to the fault guard (no host sync: the check is lazy)."""
+def make_trainer_class(guard: Any, meter: Any, sampler: LengthGroupedSampler | None) -> type:
+    """The Trainer, with each micro-batch's loss shown to the fault guard (no host sync: the check is lazy), its
+    tokens counted, and our length-grouped sampler when grouping is on."""
     from transformers import Trainer
 
     class GuardedTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
+            meter.count(inputs)
             loss = super().training_step(model, inputs, num_items_in_batch)
             guard.saw_loss(loss)
             return loss
@@ -1461,6 +1837,7 @@ class RunPlan:
     custom_ds: dict | None
     output_dir: Path
     model_path: str
+    tokenizer_path: str
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
@@ -1469,15 +1846,19 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     cfg, ablation_name, ablation = load_settings(config_path, args.ablation_config, args.overrides)
     custom_ds = load_custom_deepspeed_config(args.deepspeed_config, cfg) if args.deepspeed_config else None
     output_dir = args.output_dir.resolve()
-    model_path = str(resolve_path(cfg.model.model_name_or_path, config_path.parent))
-    if not Path(model_path).is_dir():
-        model_path = cfg.model.model_name_or_path  # a hub id
+    model_path = local_or_hub(cfg.model.model_name_or_path, config_path.parent)
+    tokenizer_path = local_or_hub(cfg.model.tokenizer_name_or_path or cfg.model.model_name_or_path, config_path.parent)
     if args.do_eval_only:
-        model_path = str(check_eval_only(output_dir, cfg))
+        model_path = tokenizer_path = str(check_eval_only(output_dir, cfg))  # final/ holds the run's tokenizer
     else:
         check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         check_output_writable(output_dir, storage_estimate(count_parameters(Path(model_path)), cfg))
-    return RunPlan(cfg, config_path, ablation_name, ablation, custom_ds, output_dir, model_path)
+    return RunPlan(cfg, config_path, ablation_name, ablation, custom_ds, output_dir, model_path, tokenizer_path)
+
+
+def local_or_hub(name: str, base: Path) -> str:
+    path = resolve_path(name, base)
+    return str(path) if path.is_dir() else name
 
 
 def check_eval_only(output_dir: Path, cfg: Config) -> Path:
@@ -1597,18 +1978,24 @@ def run(args: argparse.Namespace) -> Path:
     cpu_only = start_distributed(rank, cfg.model.dtype)
     import torch.distributed as dist
 
-    tokenizer = load_tokenizer(plan.model_path)
+    tokenizer = load_tokenizer(plan.tokenizer_path)
     encoder = PromptEncoder(tokenizer, t.max_length)
     encoder.check_fixed_parts()
     splits = build_splits(plan, encoder, ("test",) if args.do_eval_only else ("train", "validation", "test"))
 
-    # DeepSpeed config, then TrainingArguments, then the model (partitioned by zero.Init).
+    # DeepSpeed config (offload "auto" decided from the memory estimate), TrainingArguments, then the model
+    # (partitioned by zero.Init).
     model_config = load_model_config(plan.model_path)
     problem = not_gemma(model_config.get("model_type"), plan.model_path)  # hub ids are only checked here
     if problem:
         raise UserError(problem)
+    memory_plan = None
+    if plan.custom_ds is None and "auto" in (cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params):
+        memory_plan = plan_memory_for(plan, args, splits)
+        logger.info("Offload \"auto\": optimizer %s, parameters %s (%s).", memory_plan.offload_optimizer,
+                    memory_plan.offload_params, memory_plan.reason)
     ds_config = plan.custom_ds if plan.custom_ds is not None else generate_deepspeed_config(
-        cfg.deepspeed, cfg.model.dtype, model_config)
+        resolved_offload(cfg.deepspeed, memory_plan), cfg.model.dtype, model_config)
     training_args = build_training_arguments(cfg, plan.output_dir, ds_config, "validation" in splits, cpu_only)
     world_size = training_args.world_size
     if rank == 0 and not args.do_eval_only:
@@ -1623,15 +2010,24 @@ def run(args: argparse.Namespace) -> Path:
 
     offload_stats = OffloadStats()
     trainer_ref: dict[str, Any] = {}
-    guard = make_fault_guard(trainer_ref)
-    trainer = make_trainer_class(guard)(
+    guard, meter = make_fault_guard(trainer_ref), make_throughput_meter()
+    padding_free = use_padding_free(cfg)
+    sampler = None
+    if "train" in splits and t.group_by_length and not padding_free:
+        # The longest micro-batches of the whole first optimizer step come first, on every rank.
+        sampler = LengthGroupedSampler([len(e["input_ids"]) for e in splits["train"].examples],
+                                       t.batch_size * t.gradient_accumulation_steps * world_size, t.seed)
+    logger.info("Batching: %s.", "padding-free (one concatenated row per micro-batch)" if padding_free
+                else f"padded to the longest example, {'grouped' if sampler else 'not grouped'} by length")
+    trainer = make_trainer_class(guard, meter, sampler)(
         model=load_model(plan.model_path, cfg),
         args=training_args,
         train_dataset=_as_dataset(splits["train"].examples) if "train" in splits else None,
         eval_dataset=_as_dataset(splits["validation"].examples) if "validation" in splits else None,
         processing_class=tokenizer,
-        data_collator=SupervisedPositionsCollator(tokenizer),
-        callbacks=[*make_callbacks(cfg, ds_config, offload_stats), guard],
+        data_collator=SupervisedPositionsCollator(tokenizer, padding_free,
+                                                  cfg.model.attn_implementation == "flash_attention_2"),
+        callbacks=[*make_callbacks(cfg, ds_config, offload_stats), guard, meter],
     )
     trainer_ref["trainer"] = trainer
     results: dict[str, Any] = {}
@@ -1642,6 +2038,7 @@ def run(args: argparse.Namespace) -> Path:
         resume = resolve_resume(args.resume_from_checkpoint, plan.output_dir)
         train_result = trainer.train(resume_from_checkpoint=resume)
         raise_if_stopped(guard, plan.output_dir)
+        throughput = meter.summary(training_args.device)
         eval_metrics = final_evaluation(trainer) if "validation" in splits else {}
         final = save_final_model(trainer, plan.output_dir, rank)
         results = {
@@ -1656,6 +2053,9 @@ def run(args: argparse.Namespace) -> Path:
             "effective_batch_size": t.batch_size * t.gradient_accumulation_steps * world_size,
             "examples": {name: dataclasses.asdict(split.stats) for name, split in splits.items()},
             "deepspeed": describe_engine(trainer),
+            "memory_plan": memory_plan_summary(memory_plan) if memory_plan else None,
+            "batching": {"padding_free": padding_free, "group_by_length": sampler is not None},
+            "throughput": throughput,
             "activation_checkpointing": {
                 "enabled": t.activation_checkpointing,
                 "cpu_offload": offload_stats.tensors > 0,
@@ -1699,12 +2099,186 @@ def _as_dataset(examples: list[dict]):
     return datasets.Dataset.from_list(examples)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Dry run: everything a run checks and builds before the model loads, plus the memory plan, as a report.
+# ----------------------------------------------------------------------------------------------------------------------
+
+DRY_RUN_DIRNAME = "dry_run"
+
+
+def resolved_offload(choices: DeepSpeedChoices, memory_plan: MemoryPlan | None) -> DeepSpeedChoices:
+    if memory_plan is None:
+        return choices
+    return dataclasses.replace(choices, offload_optimizer=memory_plan.offload_optimizer,
+                               offload_params=memory_plan.offload_params)
+
+
+def plan_memory_for(plan: RunPlan, args: argparse.Namespace, splits: dict[str, Split]) -> MemoryPlan:
+    """The memory plan for this run: the longest example (micro-batches are padded to their longest) and the
+    longest answer of the split that will run."""
+    stats = (splits.get("train") or next(iter(splits.values()))).stats
+    seq_len = min(plan.cfg.training.max_length, stats.max_tokens)
+    supervised = plan.cfg.training.batch_size * stats.max_target_tokens
+    return plan_memory(model_shape(plan.model_path), plan.cfg, detect_hardware(args), seq_len, supervised)
+
+
+def memory_plan_summary(mp: MemoryPlan) -> dict:
+    return {"hardware": dataclasses.asdict(mp.hardware), "model": dataclasses.asdict(mp.shape),
+            "micro_batch": {"batch_size": mp.batch_size, "seq_len": mp.seq_len,
+                            "supervised_tokens": mp.supervised_tokens},
+            "options": mp.options, "offload_optimizer": mp.offload_optimizer, "offload_params": mp.offload_params,
+            "reason": mp.reason, "estimated": True}
+
+
+def _gib(n: int | float | None) -> str:
+    return "?" if n is None else f"{n / GIB:.1f} GiB"
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
+def dry_run_report(plan: RunPlan, splits: dict[str, Split], example: dict, mp: MemoryPlan, ds_config: dict,
+                   resolved: dict, padding: dict[str, float]) -> str:
+    cfg, t, hw, shape = plan.cfg, plan.cfg.training, mp.hardware, mp.shape
+    gpus = hw.gpus_per_node * hw.nodes
+    train = splits["train"].stats
+    lines = [f"# Dry run: {plan.config_path.name}, ablation {plan.ablation_name} (nothing was trained)", ""]
+    lines += ["## Model", "",
+              f"{plan.model_path} ({shape.model_type}): {shape.total_params:,} parameters, largest layer "
+              f"{shape.largest_layer_params:,}; {shape.num_layers} layers, hidden {shape.hidden_size}, MLP "
+              f"{shape.intermediate_size}, {shape.num_heads} heads ({shape.num_kv_heads} key/value) of "
+              f"{shape.head_dim}, vocabulary {shape.vocab_size:,}. Counted from the model built on the meta device "
+              "(no weights read).", ""]
+    lines += ["## Data", ""]
+    lines += _markdown_table(
+        ["split", "records", "examples", "dropped (too long)", "history shortened", "tokens p50", "p95", "max",
+         "answer tokens max"],
+        [[name, s.stats.records, s.stats.examples, s.stats.dropped_too_long, s.stats.history_shortened,
+          s.stats.p50_tokens, s.stats.p95_tokens, s.stats.max_tokens, s.stats.max_target_tokens]
+         for name, s in splits.items()])
+    lines += ["", f"Tokens per example include the prompt and the answer (max_length {t.max_length}; over-long "
+              "examples lose their oldest history items first). Padding efficiency of the first epoch's training "
+              f"micro-batches (real tokens / tokens processed): {padding['grouped']:.3f} grouped by length, "
+              f"{padding['random']:.3f} in random order; padding-free batching processes no padding.", ""]
+    lines += ["## Batch", "",
+              f"Effective global batch {t.batch_size * t.gradient_accumulation_steps * gpus} = batch_size "
+              f"{t.batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps} x {gpus} GPUs "
+              f"({hw.gpus_per_node} per node x {hw.nodes} nodes).", ""]
+    sections = example["sections"]
+    lines += [f"## One example (first training record, ablation {plan.ablation_name})", ""]
+    lines += _markdown_table([*sections, "total"], [[*sections.values(), sum(sections.values())]])
+    lines += ["", "Prompt (the model's input) and answer (the only supervised tokens):", "", "```text",
+              example["prompt"], "```", "", "```text", example["target"], "```", ""]
+    lines += ["## Memory per GPU and per node (estimated, not measured)", "",
+              f"Hardware ({hw.source}): {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s), "
+              f"{_gib(hw.gpu_memory) if hw.gpu_memory else 'GPU memory unknown'} per GPU, "
+              f"{_gib(hw.cpu_memory) if hw.cpu_memory else 'host memory unknown'} per node. Micro-batch "
+              f"{mp.batch_size} x {mp.seq_len} tokens (the longest training example), "
+              f"{mp.supervised_tokens} supervised positions.", ""]
+    rows = []
+    for r in mp.options:
+        fits = "?" if r["fits_gpu"] is None else "yes" if r["fits_gpu"] else "**no**"
+        rows.append([_yes_no(r["offload_optimizer"]), _yes_no(r["offload_params"]), _gib(r["model_states_gpu"]),
+                     _gib(r["activations_gpu"]), _gib(r["total_gpu"]), fits,
+                     _gib(r["total_host_per_node"])])
+    lines += _markdown_table(["offload optimizer", "offload params", "model states / GPU", "activations / GPU",
+                              "total / GPU", f"fits {GPU_USABLE_FRACTION:.0%} of GPU", "host / node"], rows)
+    first = mp.options[0]
+    act_on = activation_bytes(shape, mp.batch_size, mp.seq_len, mp.supervised_tokens,
+                              cfg.model.attn_implementation, True, False)
+    lines += ["", f"Activations per GPU for this micro-batch ({cfg.model.attn_implementation} attention): "
+              f"{_gib(first['activations_gpu_without_checkpointing'])} without activation checkpointing, "
+              f"{_gib(act_on['gpu'])} with it, {_gib(first['activations_gpu'])} as configured "
+              f"(activation_checkpointing {str(t.activation_checkpointing).lower()}, cpu_checkpointing "
+              f"{str(cfg.deepspeed.cpu_checkpointing).lower()}). Logits only at the supervised positions: "
+              f"{_gib(act_on['logits'])}; at every position they would take {_gib(act_on['logits_all_positions'])}.",
+              "",
+              "Model states: DeepSpeed's ZeRO-3 arithmetic (estimate_zero3_model_states_mem_needs, zero.Init, host "
+              f"buffer factor {ZERO3_BUFFER_FACTOR}). Activations: an analytic count of what autograd keeps (see "
+              "activation_bytes). Not included: the CUDA context and communication buffers (hence the "
+              f"{GPU_USABLE_FRACTION:.0%} rule), evaluation and generation.", ""]
+    ds = cfg.deepspeed
+    wanted = f"offload_optimizer {json.dumps(ds.offload_optimizer)}, offload_params {json.dumps(ds.offload_params)}"
+    if plan.custom_ds is not None:
+        lines += ["Decision: none (--deepspeed_config given: its offload settings apply).", ""]
+    else:
+        lines += [f"Decision ({wanted}): offload optimizer {_yes_no(mp.offload_optimizer)}, parameters "
+                  f"{_yes_no(mp.offload_params)}: {mp.reason}.", ""]
+    lines += ["## DeepSpeed config", "", "```json", json.dumps(ds_config, indent=2), "```", "",
+              "## Resolved config", "", "```json", json.dumps(resolved, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def dry_run(args: argparse.Namespace) -> Path:
+    """--dry_run on rank 0 (other ranks of a launch have nothing to add): no weights, no training, no checkpoint."""
+    plan = plan_run(args)
+    cfg, t = plan.cfg, plan.cfg.training
+    tokenizer = load_tokenizer(plan.tokenizer_path)
+    encoder = PromptEncoder(tokenizer, t.max_length)
+    encoder.check_fixed_parts()
+    splits = build_splits(plan, encoder, ("train", "validation", "test"))
+    model_config = load_model_config(plan.model_path)
+    problem = not_gemma(model_config.get("model_type"), plan.model_path)
+    if problem:
+        raise UserError(problem)
+    mp = plan_memory_for(plan, args, splits)
+    ds_config = plan.custom_ds if plan.custom_ds is not None else generate_deepspeed_config(
+        resolved_offload(cfg.deepspeed, mp), cfg.model.dtype, model_config)
+
+    train_file = resolve_path(cfg.data.train_file, plan.config_path.parent)
+    record = read_records(train_file, cfg.data.fields)[0]
+    kept = encoder.fitting_history(record, len(encoder.target_ids(record["target"])))
+    history = kept if kept is not None else 0
+    items = history if cfg.prompt.max_history_items is None else min(history, cfg.prompt.max_history_items)
+    example = {"sections": encoder.section_lengths(record, cfg.prompt, history),
+               "prompt": encoder.prompt_text(render_user_message(record, cfg.prompt.include_profile,
+                                                                 cfg.prompt.include_history, items)),
+               "target": record["target"].strip()}
+
+    import torch
+
+    lengths = [len(e["input_ids"]) for e in splits["train"].examples]
+    gpus = mp.hardware.gpus_per_node * mp.hardware.nodes
+    orders = {"grouped": list(LengthGroupedSampler(lengths, t.batch_size * t.gradient_accumulation_steps * gpus,
+                                                   t.seed)),
+              "random": torch.randperm(len(lengths), generator=torch.Generator().manual_seed(t.seed)).tolist()}
+    padding = {name: padding_efficiency([[lengths[i] for i in order[k:k + t.batch_size]]
+                                         for k in range(0, len(order), t.batch_size)])
+               for name, order in orders.items()}
+
+    resolved = {**dataclasses.asdict(cfg), "ablation": {"name": plan.ablation_name, **dataclasses.asdict(plan.ablation)},
+                "model_path": plan.model_path, "tokenizer_path": plan.tokenizer_path}
+    report = dry_run_report(plan, splits, example, mp, ds_config, resolved, padding)
+    out = plan.output_dir / DRY_RUN_DIRNAME
+    ds_name = args.deepspeed_config.name if plan.custom_ds is not None else GENERATED_DS_CONFIG_NAME
+    write_json_atomic(out / ds_name, ds_config)
+    write_json_atomic(out / RESOLVED_CONFIG_NAME, resolved)
+    write_json_atomic(out / "plan.json", {
+        "memory": memory_plan_summary(mp), "examples": {k: dataclasses.asdict(s.stats) for k, s in splits.items()},
+        "example": example, "padding_efficiency": padding,
+        "effective_batch_size": t.batch_size * t.gradient_accumulation_steps * gpus})
+    write_text_atomic(out / "report.md", report)
+    print(report, flush=True)
+    logger.info("Dry run report: %s", out / "report.md")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     try:
-        run(args)
+        if args.dry_run:
+            if rank == 0:
+                dry_run(args)
+        else:
+            run(args)
     except UserError as e:
         if rank == 0:  # every rank finds the same problem; one copy of the message is enough
             print("error: " + "\n       ".join(e.problems), file=sys.stderr, flush=True)

@@ -62,7 +62,7 @@ def test_all_config_problems_are_reported_together(tiny_model, data_dir, tmp_pat
         training={"batchsize": 2, "batch_size": 0, "learning_rate": -1, "seed": True, "report_to": "none",
                   "warmup_ratio": 1.5},
         data={"test_file": str(data_dir / "test.txt"), "validation_file": str(data_dir / "missing.jsonl")},
-        deepspeed={"offload_optimizer": "yes"},
+        deepspeed={"offload_optimizer": "yes", "offload_params": 1},
     )
     problems = "\n".join(problems_of(config))
     expected = [
@@ -75,7 +75,8 @@ def test_all_config_problems_are_reported_together(tiny_model, data_dir, tmp_pat
         "training.warmup_ratio: must be in [0, 1), got 1.5",
         "data.test_file: unsupported file type '.txt'",
         "data.validation_file: file not found",
-        "deepspeed.offload_optimizer: expected true or false",
+        'deepspeed.offload_optimizer: "yes" is not one of "auto", true, false.',
+        'deepspeed.offload_params: 1 is not one of "auto", true, false.',  # 1 is not true
     ]
     for phrase in expected:
         assert phrase in problems, phrase

@@ -92,6 +92,47 @@ def test_loss_fell_and_outputs_are_complete(finished_run):
     assert not list(out.glob(".*tmp*"))  # no staging leftovers
 
 
+def test_throughput_and_batching_are_recorded(finished_run):
+    results = read(finished_run["out"] / td.RESULTS_NAME)
+    assert results["batching"] == {"padding_free": False, "group_by_length": True}
+    speed = results["throughput"]
+    assert speed["steps"] == 12 and 0 < speed["seconds_per_step"] and speed["tokens_per_second"] > 0
+    # Every example's tokens were run once per epoch position: 12 steps x 8 examples of this data set.
+    assert 0 < speed["real_tokens"] <= speed["processed_tokens"]
+    assert speed["padding_efficiency"] == pytest.approx(speed["real_tokens"] / speed["processed_tokens"], abs=1e-4)
+    assert speed["padding_efficiency"] >= 0.95  # grouped by length
+    assert len(speed["peak_rss_bytes"]) == 2 and all(b > 100e6 for b in speed["peak_rss_bytes"])
+    assert results["memory_plan"] is None  # offload was fixed in the config, nothing to decide
+
+
+def test_padding_free_under_zero3_gives_the_padded_first_step_loss(tiny_model, tmp_path):
+    """Two 2-rank ZeRO-3 runs that see the same batches (no length grouping) with offload "auto" (no GPU: off):
+    padded and padding-free agree on the first step's loss, which the supervised-positions logits compute."""
+    from conftest import make_records, write_jsonl
+
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", make_records(32, seed=5))
+    write_jsonl(data / "validation.jsonl", make_records(8, seed=6, prefix="v"))
+    results = {}
+    for padding_free in (False, True):
+        config = write_config(tmp_path / f"config_{padding_free}.json", tiny_model, data,
+                              training={"max_steps": 2, "logging_steps": 1, "eval_steps": None, "save_steps": 10,
+                                        "group_by_length": False, "padding_free": padding_free},
+                              deepspeed={"offload_optimizer": "auto", "offload_params": "auto"})
+        out = tmp_path / f"run_{padding_free}"
+        proc = run_script(["--config", str(config), "--output_dir", str(out)])
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        results[padding_free] = read(out / td.RESULTS_NAME)
+    padded, flat = results[False], results[True]
+    assert flat["batching"]["padding_free"] and flat["throughput"]["padding_efficiency"] == 1.0
+    assert padded["throughput"]["padding_efficiency"] < 1.0
+    assert flat["throughput"]["real_tokens"] == padded["throughput"]["real_tokens"]  # the same examples
+    assert flat["first_train_loss"] == pytest.approx(padded["first_train_loss"], rel=2e-2)  # bf16 rounding
+    for r in (padded, flat):  # "auto" without a GPU: the states are in host memory anyway, so no offload
+        assert (r["deepspeed"]["offload_optimizer"], r["deepspeed"]["offload_param"]) == ("none", "none")
+        assert r["memory_plan"]["reason"].startswith("no GPU") and r["memory_plan"]["estimated"]
+
+
 def test_test_set_is_evaluated_with_predictions_for_every_example(finished_run):
     out = finished_run["out"]
     lines = (out / td.PREDICTIONS_NAME).read_text().splitlines()
