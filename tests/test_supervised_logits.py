@@ -45,3 +45,22 @@ def test_supervised_positions_loss_and_gradients_equal_the_standard_ones(arch, t
     n = torch.tensor(n_supervised * 2)
     torch.testing.assert_close(model(**batch, num_items_in_batch=n).loss,
                                model(**standard, num_items_in_batch=n).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_supervised_positions_loss_and_gradients_under_zero3(tiny_model):
+    """The same check through a real ZeRO-3 engine with the model partitioned by zero.Init (tied embedding included)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, script_env
+
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "zero3_supervised_loss.py"), str(tiny_model), "29571"],
+                          env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["partitioned"]
+    assert result["supervised"]["logit_rows"] == result["supervised_positions"] < result["standard"]["logit_rows"] / 10
+    assert abs(result["supervised"]["loss"] - result["standard"]["loss"]) < 1e-5
+    assert "model.embed_tokens.weight" in result["grad_names"]  # the tied LM head's gradient lands here
+    assert result["max_relative_grad_diff"] < 1e-4
