@@ -1057,10 +1057,12 @@ OFFLOAD_ORDER = [(False, False), (True, False), (False, True), (True, True)]  # 
 
 
 def choose_offload(wanted: tuple[bool | str, bool | str], gpu_need: dict[tuple[bool, bool], int],
-                   gpu_memory: int | None) -> tuple[bool, bool, str]:
+                   gpu_memory: int | None, host_need: dict[tuple[bool, bool], int] | None = None,
+                   host_memory: int | None = None) -> tuple[bool, bool, str]:
     """Resolve "auto" offload choices: the fastest combination (no offload, then optimizer only, then parameters only,
-    then both) whose estimated GPU need fits in GPU_USABLE_FRACTION of the GPU's memory. Fixed true/false choices
-    are kept. Without a GPU, "auto" means no offload: the states live in host memory either way."""
+    then both) whose estimated GPU need fits in GPU_USABLE_FRACTION of the GPU's memory, and whose host need fits in
+    the node's memory when that is known. Fixed true/false choices are kept. Without a GPU, "auto" means no offload:
+    the states live in host memory either way."""
     options = [o for o in OFFLOAD_ORDER if all(w == "auto" or w == v for w, v in zip(wanted, o))]
     if "auto" not in wanted:
         return options[0][0], options[0][1], "as set in config.json"
@@ -1068,13 +1070,19 @@ def choose_offload(wanted: tuple[bool | str, bool | str], gpu_need: dict[tuple[b
         opt, par = options[0]
         return opt, par, "no GPU: parameters and optimizer states are in host memory anyway, offloading only copies"
     usable = GPU_USABLE_FRACTION * gpu_memory
+
+    def host_fits(option: tuple[bool, bool]) -> bool:
+        return host_need is None or host_memory is None or host_need[option] <= host_memory
+
     for opt, par in options:
-        if gpu_need[(opt, par)] <= usable:
+        if gpu_need[(opt, par)] <= usable and host_fits((opt, par)):
             return opt, par, (f"the estimated need of {gpu_need[(opt, par)] / GIB:.1f} GiB per GPU fits in "
                               f"{GPU_USABLE_FRACTION:.0%} of {gpu_memory / GIB:.0f} GiB")
     opt, par = options[-1]
-    return opt, par, (f"nothing fits: even this needs an estimated {gpu_need[(opt, par)] / GIB:.1f} GiB per GPU "
-                      f"of {gpu_memory / GIB:.0f} GiB; lower training.batch_size or max_length, or add GPUs")
+    return opt, par, (f"nothing fits: even this needs an estimated {gpu_need[(opt, par)] / GIB:.1f} GiB per GPU of "
+                      f"{gpu_memory / GIB:.0f} GiB" + ("" if host_fits((opt, par)) else
+                      f" and {host_need[(opt, par)] / GIB:.0f} GiB of host memory of {host_memory / GIB:.0f} GiB")
+                      + "; lower training.batch_size or max_length, or add GPUs")
 
 
 @dataclass
@@ -1097,18 +1105,21 @@ def plan_memory(shape: ModelShape, cfg: Config, hw: Hardware, seq_len: int, supe
                            t.activation_checkpointing, ds.cpu_checkpointing)
     act_off = activation_bytes(shape, t.batch_size, seq_len, supervised_tokens, cfg.model.attn_implementation,
                                False, False)
-    rows, gpu_need = [], {}
+    rows, gpu_need, host_need = [], {}, {}
     for opt, par in OFFLOAD_ORDER:
         gpu, host = model_states_bytes(shape, hw, opt, par)
         gpu_need[(opt, par)] = gpu + act["gpu"]
+        host_need[(opt, par)] = host + act["host"] * hw.gpus_per_node
         rows.append({"offload_optimizer": opt, "offload_params": par, "model_states_gpu": gpu,
                      "model_states_host_per_node": host, "activations_gpu": act["gpu"],
                      "activations_gpu_without_checkpointing": act_off["gpu"],
                      "activations_host_per_node": act["host"] * hw.gpus_per_node,
                      "total_gpu": gpu + act["gpu"], "total_host_per_node": host + act["host"] * hw.gpus_per_node,
                      "fits_gpu": None if hw.gpu_memory is None
-                     else gpu + act["gpu"] <= GPU_USABLE_FRACTION * hw.gpu_memory})
-    opt, par, reason = choose_offload((ds.offload_optimizer, ds.offload_params), gpu_need, hw.gpu_memory)
+                     else gpu + act["gpu"] <= GPU_USABLE_FRACTION * hw.gpu_memory,
+                     "fits_host": None if hw.cpu_memory is None else host_need[(opt, par)] <= hw.cpu_memory})
+    opt, par, reason = choose_offload((ds.offload_optimizer, ds.offload_params), gpu_need, hw.gpu_memory,
+                                      host_need, hw.cpu_memory)
     return MemoryPlan(hw, shape, t.batch_size, seq_len, supervised_tokens, rows, opt, par, reason)
 
 
@@ -2134,6 +2145,14 @@ def _gib(n: int | float | None) -> str:
     return "?" if n is None else f"{n / GIB:.1f} GiB"
 
 
+def _shown(path: str) -> str:
+    """A path under the current directory as a relative one: the report reads the same on every machine."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def _yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
@@ -2150,7 +2169,7 @@ def dry_run_report(plan: RunPlan, splits: dict[str, Split], example: dict, mp: M
     train = splits["train"].stats
     lines = [f"# Dry run: {plan.config_path.name}, ablation {plan.ablation_name} (nothing was trained)", ""]
     lines += ["## Model", "",
-              f"{plan.model_path} ({shape.model_type}): {shape.total_params:,} parameters, largest layer "
+              f"{_shown(plan.model_path)} ({shape.model_type}): {shape.total_params:,} parameters, largest layer "
               f"{shape.largest_layer_params:,}; {shape.num_layers} layers, hidden {shape.hidden_size}, MLP "
               f"{shape.intermediate_size}, {shape.num_heads} heads ({shape.num_kv_heads} key/value) of "
               f"{shape.head_dim}, vocabulary {shape.vocab_size:,}. Counted from the model built on the meta device "
@@ -2184,9 +2203,9 @@ def dry_run_report(plan: RunPlan, splits: dict[str, Split], example: dict, mp: M
     rows = []
     for r in mp.options:
         fits = "?" if r["fits_gpu"] is None else "yes" if r["fits_gpu"] else "**no**"
+        host = _gib(r["total_host_per_node"]) + (" (**too much**)" if r["fits_host"] is False else "")
         rows.append([_yes_no(r["offload_optimizer"]), _yes_no(r["offload_params"]), _gib(r["model_states_gpu"]),
-                     _gib(r["activations_gpu"]), _gib(r["total_gpu"]), fits,
-                     _gib(r["total_host_per_node"])])
+                     _gib(r["activations_gpu"]), _gib(r["total_gpu"]), fits, host])
     lines += _markdown_table(["offload optimizer", "offload params", "model states / GPU", "activations / GPU",
                               "total / GPU", f"fits {GPU_USABLE_FRACTION:.0%} of GPU", "host / node"], rows)
     first = mp.options[0]
@@ -2253,7 +2272,7 @@ def dry_run(args: argparse.Namespace) -> Path:
                for name, order in orders.items()}
 
     resolved = {**dataclasses.asdict(cfg), "ablation": {"name": plan.ablation_name, **dataclasses.asdict(plan.ablation)},
-                "model_path": plan.model_path, "tokenizer_path": plan.tokenizer_path}
+                "model_path": _shown(plan.model_path), "tokenizer_path": _shown(plan.tokenizer_path)}
     report = dry_run_report(plan, splits, example, mp, ds_config, resolved, padding)
     out = plan.output_dir / DRY_RUN_DIRNAME
     ds_name = args.deepspeed_config.name if plan.custom_ds is not None else GENERATED_DS_CONFIG_NAME

@@ -105,6 +105,12 @@ def test_auto_offload_takes_the_fastest_option_that_fits():
     assert td.choose_offload(("auto", True), need, 200 * GIB)[:2] == (False, True)
     assert td.choose_offload(("auto", True), need, 80 * GIB)[:2] == (True, True)
     assert td.choose_offload((False, False), need, 4 * GIB) == (False, False, "as set in config.json")
+    # Known host memory rules out options whose offloaded states would not fit there.
+    host = {(False, False): 2 * GIB, (True, False): 600 * GIB, (False, True): 80 * GIB, (True, True): 700 * GIB}
+    assert td.choose_offload(auto, need, 80 * GIB, host, 1024 * GIB)[:2] == (True, False)
+    opt, par, reason = td.choose_offload(auto, need, 80 * GIB, host, 500 * GIB)
+    assert (opt, par) == (True, True) and "700 GiB of host memory of 500 GiB" in reason  # nothing fits
+    assert td.choose_offload(auto, need, 101 * GIB, host, 512 * GIB)[:2] == (False, True)
     # Without a GPU the states are in host memory anyway.
     opt, par, reason = td.choose_offload(auto, need, None)
     assert (opt, par) == (False, False) and reason.startswith("no GPU")
