@@ -27,14 +27,18 @@ Launch (from the repository root):
     # evaluate a finished run's final/ model on the test file again, without training
     accelerate launch ... --output_dir Gemma/outputs/run1 --ablation_config profile_and_history --do_eval_only
 
+    # will it fit? check everything and estimate memory per GPU for 4 x 80 GB, without weights or training
+    python Gemma/train_deepspeed.py --config config.json --output_dir Gemma/outputs/run1 --dry_run \
+        --gpus_per_node 4 --gpu_memory_gib 80
+
 A whole ablation study (every profile, then the comparison): Gemma/run_study.py. Exit codes: 0 done, 2 a problem in
 the config, data or flags (reported before the model loads), 3 training diverged, 143 preempted by SIGTERM.
 
 Precedence of settings: defaults (the dataclasses below) < config.json < ablation profile < command line (--set).
 
 The file reads top to bottom in the order data flows: config schema -> loading and validation -> command line ->
-records and prompts -> DeepSpeed config -> CPU-only work-arounds -> activation offload -> model and Trainer ->
-faults -> test-set evaluation -> outputs -> main.
+records and prompts -> DeepSpeed config -> memory plan -> CPU-only work-arounds -> activation offload -> model and
+Trainer -> faults -> test-set evaluation -> outputs -> main (and the dry run).
 """
 
 from __future__ import annotations
