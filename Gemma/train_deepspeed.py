@@ -813,17 +813,21 @@ def prompt_length(example: dict) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+MIN_REDUCE_BUCKET = 50_000_000  # elements; DeepSpeed's own default is 5e8
+
+
 def bucket_sizes(model_config: dict) -> dict[str, Any]:
-    """'auto' lets the Trainer size ZeRO-3's buckets from config.hidden_size. Multimodal configs (Gemma 3 4B+) keep
-    hidden_size in text_config, so compute the same values (transformers' formulas) as plain integers there."""
-    if "hidden_size" in model_config:
-        return {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                "stage3_param_persistence_threshold": "auto"}
-    hidden = (model_config.get("text_config") or {}).get("hidden_size")
+    """ZeRO-3 bucket sizes from the model's hidden size, transformers' "auto" formulas (prefetch 0.9 h², persistence
+    threshold 10 h), written as integers because multimodal configs (Gemma 3 4B+) keep hidden_size in text_config.
+    The gradient reduce bucket is h² but at least MIN_REDUCE_BUCKET: h² alone makes one reduce-scatter per 0.4M
+    gradient elements on Gemma 3 270M (h = 640), and fewer, larger ones were faster (benchmarks/speed.py: 0.75x the
+    step time on a tiny Gemma on the CPU); 5e7 bf16 elements are 100 MB, a tenth of DeepSpeed's default."""
+    hidden = model_config.get("hidden_size") or (model_config.get("text_config") or {}).get("hidden_size")
     if hidden is None:
         raise UserError("the model config has no hidden_size (top level or text_config); pass --deepspeed_config "
                         "with explicit reduce_bucket_size / stage3_prefetch_bucket_size values.")
-    return {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+    return {"reduce_bucket_size": max(hidden * hidden, MIN_REDUCE_BUCKET),
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
             "stage3_param_persistence_threshold": 10 * hidden}
 
 

@@ -21,7 +21,10 @@ def test_generated_config_is_zero3_with_offload_and_auto_values():
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
-    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == "auto"
+    # transformers' "auto" formulas from hidden_size, with a floor on the gradient reduce bucket
+    assert zero["reduce_bucket_size"] == td.MIN_REDUCE_BUCKET > 640 * 640
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 640 * 640)
+    assert zero["stage3_param_persistence_threshold"] == 6400
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["activation_checkpointing"]["cpu_checkpointing"] is True
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
@@ -43,11 +46,12 @@ def test_generated_config_follows_the_choices():
     assert ds["activation_checkpointing"]["cpu_checkpointing"] is False
 
 
-def test_bucket_sizes_are_integers_when_hidden_size_is_nested():
-    # Gemma 3 4B+ (multimodal) keeps hidden_size in text_config.
+def test_bucket_sizes_follow_the_hidden_size_wherever_the_config_keeps_it():
+    # Gemma 3 4B+ (multimodal) keeps hidden_size in text_config; Gemma 2 27B's h² is above the reduce-bucket floor.
     sizes = td.bucket_sizes({"model_type": "gemma3", "text_config": {"hidden_size": 2560}})
-    assert sizes == {"reduce_bucket_size": 2560 * 2560, "stage3_prefetch_bucket_size": int(0.9 * 2560 * 2560),
+    assert sizes == {"reduce_bucket_size": td.MIN_REDUCE_BUCKET, "stage3_prefetch_bucket_size": int(0.9 * 2560 * 2560),
                      "stage3_param_persistence_threshold": 25600}
+    assert td.bucket_sizes({"hidden_size": 8192})["reduce_bucket_size"] == 8192 * 8192
     with pytest.raises(td.UserError, match="no hidden_size"):
         td.bucket_sizes({"model_type": "mystery"})
 
