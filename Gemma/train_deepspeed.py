@@ -171,7 +171,8 @@ class TrainingConfig:
     # Recompute each decoder layer in backward instead of storing its activations: a large memory saving for ~30% compute.
     activation_checkpointing: bool = True
     # Batch examples of similar length together (random groups, reshuffled every epoch): little padding, the same
-    # examples and labels. The longest batch comes first, so an out-of-memory shows at step 1, not hours in.
+    # examples and labels. The longest batch comes first, so an out-of-memory shows at step 1, not hours in. Grouped by
+    # the full prompt's length, so that every ablation gets the same batches.
     group_by_length: bool = True
     # Concatenate each micro-batch into one row without padding. "auto": only with flash_attention_2, whose kernels
     # keep the sequences apart for free; eager and sdpa also handle it (a block mask over the row), but their attention
@@ -716,20 +717,27 @@ class PromptEncoder:
     def fitting_history(self, rec: dict, target_len: int) -> int | None:
         """How many of the most recent history items fit with the FULL prompt (profile and all history), whatever the
         ablation: so every ablation keeps the same examples. None when even no history does not fit."""
+        fitted = self.fit_full_prompt(rec, target_len)
+        return None if fitted is None else fitted[0]
+
+    def fit_full_prompt(self, rec: dict, target_len: int) -> tuple[int, int] | None:
+        """(history items kept, tokens of the full-prompt example): see fitting_history."""
         n = len(rec["history"] or [])
+        lengths: dict[int, int] = {}
 
         def fits(k: int) -> bool:
-            return len(self.prompt_ids(render_user_message(rec, True, True, k))) + target_len <= self.max_length
+            lengths[k] = len(self.prompt_ids(render_user_message(rec, True, True, k))) + target_len
+            return lengths[k] <= self.max_length
 
         if fits(n):
-            return n
+            return n, lengths[n]
         if not fits(0):
             return None
         lo, hi = 0, n  # fits(lo) and not fits(hi): binary search for the largest k that fits
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
+        return lo, lengths[lo]
 
     def section_lengths(self, rec: dict, prompt: PromptConfig, history_items: int) -> dict[str, int]:
         """Tokens each part of encode()'s example adds; "template" is BOS, turn markers and the query label."""
@@ -765,6 +773,9 @@ class Split:
     ids: list[str]
     targets: list[str]
     stats: SplitStats
+    # Tokens of each example with the FULL prompt: the same in every ablation, so length grouping batches the same
+    # examples together whichever sections the prompt holds, and runs stay comparable.
+    group_lengths: list[int] = field(default_factory=list)
 
 
 def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> Split:
@@ -774,17 +785,19 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more problems in {path}"] if len(problems) > 20 else [])
         raise UserError(shown)
-    examples, ids, targets, shortened, dropped = [], [], [], 0, 0
+    examples, ids, targets, group_lengths, shortened, dropped = [], [], [], [], 0, 0
     for i, rec in enumerate(records):
         target_len = len(encoder.target_ids(rec["target"]))
         if target_len >= encoder.max_length:
             raise UserError(f"{path}: record {i + 1}: the target alone is {target_len} tokens, which leaves no room "
                             f"for a prompt in training.max_length={encoder.max_length}. Raise max_length or shorten "
                             "the target.")
-        kept = encoder.fitting_history(rec, target_len)
-        if kept is None:
+        fitted = encoder.fit_full_prompt(rec, target_len)
+        if fitted is None:
             dropped += 1
             continue
+        kept, full_length = fitted
+        group_lengths.append(full_length)
         shortened += kept < len(rec["history"] or [])
         examples.append(encoder.encode(rec, cfg.prompt, kept))
         ids.append(str(rec["id"]) if rec["id"] is not None else f"{split}:{i}")
@@ -800,7 +813,7 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
         p50_tokens=lengths[len(lengths) // 2], p95_tokens=lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
         max_target_tokens=max(len(e["labels"]) - prompt_length(e) for e in examples),
     )
-    return Split(examples, ids, targets, stats)
+    return Split(examples, ids, targets, stats, group_lengths)
 
 
 def prompt_length(example: dict) -> int:
@@ -2038,7 +2051,7 @@ def run(args: argparse.Namespace) -> Path:
     sampler = None
     if "train" in splits and t.group_by_length and not padding_free:
         # The longest micro-batches of the whole first optimizer step come first, on every rank.
-        sampler = LengthGroupedSampler([len(e["input_ids"]) for e in splits["train"].examples],
+        sampler = LengthGroupedSampler(splits["train"].group_lengths,
                                        t.batch_size * t.gradient_accumulation_steps * world_size, t.seed)
     logger.info("Batching: %s.", "padding-free (one concatenated row per micro-batch)" if padding_free
                 else f"padded to the longest example, {'grouped' if sampler else 'not grouped'} by length")
@@ -2276,8 +2289,8 @@ def dry_run(args: argparse.Namespace) -> Path:
 
     lengths = [len(e["input_ids"]) for e in splits["train"].examples]
     gpus = mp.hardware.gpus_per_node * mp.hardware.nodes
-    orders = {"grouped": list(LengthGroupedSampler(lengths, t.batch_size * t.gradient_accumulation_steps * gpus,
-                                                   t.seed)),
+    orders = {"grouped": list(LengthGroupedSampler(splits["train"].group_lengths,
+                                                   t.batch_size * t.gradient_accumulation_steps * gpus, t.seed)),
               "random": torch.randperm(len(lengths), generator=torch.Generator().manual_seed(t.seed)).tolist()}
     padding = {name: padding_efficiency([[lengths[i] for i in order[k:k + t.batch_size]]
                                          for k in range(0, len(order), t.batch_size)])

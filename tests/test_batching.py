@@ -72,3 +72,22 @@ def test_length_grouped_sampler_keeps_every_example_and_cuts_padding():
 
 def test_padding_efficiency_counts_real_over_processed_tokens():
     assert td.padding_efficiency([[10, 10], [4, 2]]) == pytest.approx((20 + 6) / (20 + 8))
+
+
+def test_every_ablation_is_grouped_into_the_same_batches(tiny_tokenizer, tmp_path):
+    """Grouping by the full prompt's length: query_only batches the same examples together as the full prompt, so
+    the runs of an ablation study differ only in what the prompt holds."""
+    from conftest import write_jsonl
+
+    path = write_jsonl(tmp_path / "train.jsonl", make_records(200, seed=3, max_history=12))
+    orders, lengths = {}, {}
+    for name, prompt in [("full", td.PromptConfig()), ("query_only", td.PromptConfig(False, False))]:
+        cfg = td.Config(model=td.ModelConfig("m"), data=td.DataConfig(str(path)), prompt=prompt,
+                        training=td.TrainingConfig(max_length=128))
+        split = td.build_split(path, "train", cfg, td.PromptEncoder(tiny_tokenizer, 128))
+        lengths[name] = [len(e["input_ids"]) for e in split.examples]
+        orders[name] = list(td.LengthGroupedSampler(split.group_lengths, group_size=8, seed=1))
+        if name == "full":
+            assert split.group_lengths == lengths[name]
+    assert lengths["query_only"] != lengths["full"]  # the examples themselves differ...
+    assert orders["query_only"] == orders["full"]  # ...but they are batched the same way
