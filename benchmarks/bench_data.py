@@ -1,0 +1,40 @@
+"""The training examples every runner of benchmarks/speed.py trains on, tokenized exactly as Gemma/train_deepspeed.py
+does (its own load_settings, load_tokenizer, PromptEncoder and build_split), so the token sequences are identical."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Which copy of train_deepspeed.py to measure: the working tree's by default; speed.py --gemma_dir sets another.
+GEMMA_DIR_ENV = "SPEED_BENCH_GEMMA_DIR"
+GEMMA_DIR = Path(os.environ.get(GEMMA_DIR_ENV) or REPO / "Gemma").resolve()
+if str(GEMMA_DIR) not in sys.path:
+    sys.path.insert(0, str(GEMMA_DIR))
+
+import train_deepspeed as td  # noqa: E402  (imports nothing heavy at module level)
+
+IGNORE_INDEX = td.IGNORE_INDEX
+
+
+def load_train_examples(config_path: Path, ablation: str = "profile_and_history"):
+    """(examples, tokenizer, cfg, model_path) for config_path's train_file under the given ablation profile."""
+    cfg, _, _ = td.load_settings(config_path.resolve(), ablation, [])
+    model_path = str(td.resolve_path(cfg.model.model_name_or_path, config_path.resolve().parent))
+    tokenizer = td.load_tokenizer(model_path)
+    encoder = td.PromptEncoder(tokenizer, cfg.training.max_length)
+    split = td.build_split(td.resolve_path(cfg.data.train_file, config_path.resolve().parent), "train", cfg, encoder)
+    return split.examples, tokenizer, cfg, model_path
+
+
+def pad_batch(features: list[dict], pad_id: int):
+    """Right-pad input_ids (pad_id), attention_mask (0) and labels (-100) to the longest example of the batch."""
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    def padded(key, value):
+        return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features])
+    return {"input_ids": padded("input_ids", pad_id), "attention_mask": padded("attention_mask", 0),
+            "labels": padded("labels", IGNORE_INDEX)}

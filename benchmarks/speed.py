@@ -1,0 +1,686 @@
+"""Speed benchmark: Gemma/train_deepspeed.py against a bare PyTorch loop and TRL's SFTTrainer, on the CPU.
+
+    .venv/bin/python benchmarks/speed.py [--repeats 3] [--steps 20] [--profile]
+
+(install the benchmark-only packages first: .venv/bin/pip install -r benchmarks/requirements.txt)
+
+Everything runs in this one invocation so that ratios are fair on a noisy, shared machine: each measurement is
+repeated (--repeats), the runners take turns within each repeat (the order rotates between repeats), and the table
+gives the median with the spread (min-max). Overhead ratios are taken within a repeat (ours / bare of the same repeat),
+then summarised.
+
+Setup: a tiny random Gemma 3 (tests/tiny_gemma.py: hidden 64, 2 layers, vocab ~1k) in a temporary directory, the
+shipped demo training data (Gemma/data/demo/train.jsonl, 2,000 users) and the shipped config.json's training and
+DeepSpeed settings (batch 4 per process, max_length 256, bf16, activation checkpointing, ZeRO-3 with parameters and
+optimizer offloaded to the CPU), with the model swapped for the tiny one, no validation or test file, no checkpoint
+before the end, and --steps optimizer steps. 2 processes, OMP_NUM_THREADS=1 each. One untimed warm-up launch of our
+script comes first (DeepSpeed's compiled ops, file cache); it also writes the DeepSpeed JSON the TRL runner reuses.
+
+Runners (each a separate 2-process launch; the same token sequences, the same shuffled batches):
+- ours: `accelerate launch --use_deepspeed --num_processes 2` of train_deepspeed.py's main() (benchmarks/ours_probed.py),
+  with its default batching, and with `--set training.group_by_length=false --set training.padding_free=false`
+  ("plain padded"; skipped when the measured script has no such keys).
+- TRL: benchmarks/trl_sft.py, SFTTrainer with the same DeepSpeed JSON and settings.
+- bare: benchmarks/bare_loop.py, torch.distributed gloo + DDP, bf16 AdamW, no ZeRO, offload or checkpointing.
+All are timed the same way (benchmarks/step_probe.py): a step lasts from one step's end to the next, median over the
+steps after the first; tokens/s = real (non-padding) tokens of both ranks over those steps / their wall time; peak RSS
+per rank (getrusage). For ours, results.json's own "throughput" figures are shown too (they time a step from
+on_step_begin to on_step_end, i.e. without fetching and collating the batch).
+
+Also measured: padding efficiency (real / processed tokens) over one whole epoch of the demo data, with plain random
+batches and with length-grouped batches, for the tiny tokenizer and the real Gemma 3 tokenizer; and the time to
+tokenize and build the demo training split (train_deepspeed.build_split), in this process.
+--profile (about 4 more minutes) adds three variants of ours to the rotation, each pricing one cost seen in the profile
+(reduce_bucket_size=auto: transformers' hidden_size^2 bucket, one gradient reduce-scatter per h^2 elements, instead
+of the script's 5e7 floor; cpu_checkpointing=false: no save_on_cpu wrapper;
+activation_checkpointing=false: no recomputation), and one launch of ours with cProfile on rank 0 over steps 2..N,
+reported as per-step costs.
+
+The measured train_deepspeed.py is copied into the work directory at the start (so an edit during the benchmark
+cannot mix versions); --gemma_dir measures another copy (e.g. an older commit's, from `git show`).
+
+Output: a Markdown report printed and written atomically to benchmarks/results/speed.md (--output to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+VENV_BIN = Path(sys.executable).parent
+DEMO_TRAIN = REPO / "Gemma" / "data" / "demo" / "train.jsonl"
+REAL_MODEL = REPO / "Gemma" / "models" / "gemma-3-270m"
+ABLATION = "profile_and_history"
+PLAIN_BATCHING = ["training.group_by_length=false", "training.padding_free=false"]
+# Variants of ours: (--set overrides, extra environment, zero_optimization keys changed in a copy of the generated
+# DeepSpeed JSON passed as --deepspeed_config). The first two are the main table's; --profile adds the rest to price
+# single costs seen in the profile (each is compared with "ours" of the same repeat).
+OURS_VARIANTS: dict[str, tuple[list[str], dict[str, str], dict]] = {
+    "ours": ([], {}, {}),
+    "ours, plain padded": (PLAIN_BATCHING, {}, {}),
+    # transformers' "auto" reduce bucket is hidden_size^2 elements (4,096 for the tiny model, 409,600 for Gemma 3
+    # 270M): one reduce-scatter per bucket. The generated config now floors it at 5e7 elements; this prices that.
+    "ours, reduce_bucket_size=auto (h^2)": ([], {}, {"reduce_bucket_size": "auto"}),
+    # Our save_on_cpu wrapper around each checkpointed layer (copies and counts the saved layer inputs).
+    "ours, cpu_checkpointing=false": (["deepspeed.cpu_checkpointing=false"], {}, {}),
+    # No recomputation in backward at all.
+    "ours, activation_checkpointing=false": (["training.activation_checkpointing=false"], {}, {}),
+}
+PROFILE_VARIANTS = ["ours, reduce_bucket_size=auto (h^2)", "ours, cpu_checkpointing=false",
+                    "ours, activation_checkpointing=false"]
+RUN_TIMEOUT_S = 900  # one launch; a hung run is killed (whole process tree) and reported, the rest go on
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings and environment
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3, help="launches per runner (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per launch (default: %(default)s)")
+    p.add_argument("--profile", action="store_true", help="also profile one run of ours (cProfile, rank 0)")
+    p.add_argument("--gemma_dir", type=Path, default=None,
+                   help="directory holding the train_deepspeed.py to measure, next to an ablation_configs/ "
+                        "(default: this repository's Gemma/)")
+    p.add_argument("--output", type=Path, default=BENCH / "results" / "speed.md", help="report (default: %(default)s)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the runs' files here (default: a temporary "
+                   "directory, deleted at the end unless a run failed)")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.steps < 3:
+        p.error("--repeats must be at least 1 and --steps at least 3 (the first step is left out of the medians)")
+    return args
+
+
+def subprocess_env(gemma_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONWARNINGS="ignore::FutureWarning", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env["SPEED_BENCH_GEMMA_DIR"] = str(gemma_dir.resolve())
+    return env
+
+
+def machine_description() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        mem = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    except ImportError:
+        mem = ""
+    return f"{model}, {os.cpu_count()} logical cores{mem}, {platform.system()} {platform.release()}"
+
+
+def library_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = [f"python {platform.python_version()}"]
+    for name in ("torch", "transformers", "accelerate", "deepspeed", "datasets", "trl"):
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name} (not installed)")
+    return ", ".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Setup: tiny model, benchmark config
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_model(work: Path) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_gemma import build_tiny_gemma
+
+    return build_tiny_gemma(work / "tiny_gemma")
+
+
+def write_bench_config(work: Path, model_dir: Path, steps: int) -> Path:
+    """The shipped config.json with the tiny model, the demo train file only, and no saving before the end."""
+    cfg = json.loads((REPO / "config.json").read_text(encoding="utf-8"))
+    cfg["model"]["model_name_or_path"] = str(model_dir)
+    cfg["data"]["train_file"] = str(DEMO_TRAIN)
+    cfg["data"]["validation_file"] = None
+    cfg["data"]["test_file"] = None
+    cfg["training"].update(max_steps=steps, eval_steps=None, save_steps=steps + 1_000_000)
+    path = work / "bench_config.json"
+    path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    return path
+
+
+def snapshot_script(gemma_dir: Path, work: Path) -> tuple[Path, str]:
+    """Copy the measured train_deepspeed.py (and the ablation profiles it reads) into the work directory, so that every
+    launch of this benchmark runs the same code even if the file is edited meanwhile; returns the copy's Gemma/
+    directory and a description (path, sha256, git state) for the report."""
+    import hashlib
+
+    src = gemma_dir.resolve() / "train_deepspeed.py"
+    dest = work / "measured"
+    (dest / "Gemma").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dest / "Gemma" / "train_deepspeed.py")
+    shutil.copytree(src.parent.parent / "ablation_configs", dest / "ablation_configs", dirs_exist_ok=True)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    where = str(src.relative_to(REPO)) if src.is_relative_to(REPO) else str(src)
+    git = ""
+    if src.is_relative_to(REPO):
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", str(src)], cwd=REPO).returncode != 0
+        git = f", git {head.stdout.strip()}{' + uncommitted changes' if dirty else ''}"
+    return dest / "Gemma", f"{where} (sha256 {digest}{git})"
+
+
+def measured_training_keys(gemma_dir: Path) -> set[str]:
+    """The training.* keys the measured train_deepspeed.py accepts (to know whether plain batching can be asked for)."""
+    code = ("import dataclasses, sys; sys.path.insert(0, sys.argv[1]); import train_deepspeed as td; "
+            "print(' '.join(f.name for f in dataclasses.fields(td.TrainingConfig)))")
+    out = subprocess.run([sys.executable, "-c", code, str(gemma_dir)], capture_output=True,
+                         text=True, timeout=120)
+    return set(out.stdout.split())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launching the runners
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    runner: str
+    repeat: int
+    ok: bool
+    wall_s: float
+    log: Path
+    probe: dict = field(default_factory=dict)  # summarise_probe()
+    results_json: dict = field(default_factory=dict)  # ours only: results.json
+    resolved: dict = field(default_factory=dict)  # ours only: resolved_config.json
+    error: str = ""
+
+
+def kill_tree(pid: int) -> None:
+    """accelerate's workers live in their own sessions: kill the whole tree, children first."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = parent.children(recursive=True) + [parent]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def launch(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, float]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with log.open("w", encoding="utf-8") as out:
+        out.write("$ " + shlex.join(cmd) + "\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            proc.wait()
+            rc = -9
+    return rc, time.perf_counter() - started
+
+
+def accelerate_cmd(script: Path, args: list[str]) -> list[str]:
+    return [str(VENV_BIN / "accelerate"), "launch", "--use_deepspeed", "--num_processes", "2", str(script), *args]
+
+
+def ours_cmd(config: Path, out: Path, probe: Path, steps: int, overrides: list[str], profile: Path | None = None,
+             deepspeed_config: Path | None = None):
+    args = ["--probe_dir", str(probe)] + (["--cprofile", str(profile)] if profile else []) + [
+        "--config", str(config), "--ablation_config", ABLATION, "--output_dir", str(out),
+        "--set", f"training.max_steps={steps}"]
+    if deepspeed_config is not None:
+        args += ["--deepspeed_config", str(deepspeed_config)]
+    for item in overrides:
+        args += ["--set", item]
+    return accelerate_cmd(BENCH / "ours_probed.py", args)
+
+
+def summarise_probe(probe_dir: Path) -> dict:
+    """Per-run figures from the ranks' probe files (see module docstring)."""
+    ranks = [json.loads(p.read_text()) for p in sorted(probe_dir.glob("probe_rank*.json"))]
+    if not ranks:
+        raise RuntimeError(f"no probe files in {probe_dir}")
+    r0 = ranks[0]
+    ends = r0["step_ends"]
+    intervals = [b - a for a, b in zip(ends, ends[1:])]
+    compute = [e - b for b, e in zip(r0["step_begins"][1:], ends[1:])]
+    # Micro-batches per optimizer step (gradient accumulation); the first step's are left out with it.
+    per_step = max(1, len(r0["real_tokens"]) // len(ends))
+    real_after_first = sum(sum(r["real_tokens"][per_step:per_step * len(r["step_ends"])]) for r in ranks)
+    return {
+        "steps": len(ends),
+        "s_per_step": statistics.median(intervals),
+        "compute_s_per_step": statistics.median(compute) if compute else None,
+        "tokens_per_s": real_after_first / (ends[-1] - ends[0]),
+        "padding_efficiency": sum(sum(r["real_tokens"]) for r in ranks) / sum(sum(r["processed_tokens"]) for r in ranks),
+        "peak_rss_bytes": [r["peak_rss_bytes"] for r in ranks],
+    }
+
+
+def run_one(runner: str, repeat: int, ctx: dict) -> RunResult:
+    work: Path = ctx["work"] / f"{''.join(c if c.isalnum() else '_' for c in runner)}-{repeat}"
+    probe, log = work / "probe", ctx["work"] / "logs" / f"{work.name}.log"
+    steps, config = ctx["steps"], ctx["config"]
+    env = ctx["env"]
+    if runner.startswith("ours"):
+        overrides, extra_env, zero_patch = OURS_VARIANTS[runner]
+        ds_file = None
+        if zero_patch:  # the generated DeepSpeed JSON with some zero_optimization keys changed
+            ds = json.loads(ctx["ds_json"].read_text())
+            ds["zero_optimization"].update(zero_patch)
+            ds_file = work / "ds_config.json"
+            ds_file.parent.mkdir(parents=True, exist_ok=True)
+            ds_file.write_text(json.dumps(ds, indent=2))
+        cmd = ours_cmd(config, work / "run", probe, steps, overrides, deepspeed_config=ds_file)
+        env = {**env, **extra_env}
+    elif runner == "TRL SFTTrainer":
+        cmd = accelerate_cmd(BENCH / "trl_sft.py", ["--config", str(config), "--deepspeed_config", str(ctx["ds_json"]),
+                                                    "--steps", str(steps), "--probe_dir", str(probe)])
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(BENCH / "bare_loop.py"), "--config", str(config), "--steps", str(steps), "--probe_dir", str(probe)]
+    rc, wall = launch(cmd, log, env)
+    result = RunResult(runner, repeat, rc == 0, wall, log)
+    if rc != 0:
+        result.error = f"exit code {rc}" + (" (timed out)" if rc == -9 else "")
+        return result
+    try:
+        result.probe = summarise_probe(probe)
+        if runner.startswith("ours"):
+            result.results_json = json.loads((work / "run" / "results.json").read_text())
+            result.resolved = json.loads((work / "run" / "resolved_config.json").read_text())
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        result.ok, result.error = False, f"unreadable figures: {e}"
+    shutil.rmtree(work / "run" / "final", ignore_errors=True)  # keep the disk small; the figures are read
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data preparation time and padding efficiency (in this process)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def import_measured_script(gemma_dir: Path):
+    path = str(gemma_dir.resolve())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import train_deepspeed
+
+    return train_deepspeed
+
+
+def time_data_preparation(config: Path, model_dir: Path, repeats: int, gemma_dir: Path) -> dict:
+    """Seconds to load the tokenizer and to build the demo training split (read, check, fit history, tokenize,
+    mask), and the examples' token lengths."""
+    td = import_measured_script(gemma_dir)
+    cfg, _, _ = td.load_settings(config, ABLATION, [f"model.model_name_or_path={model_dir}"])
+    t0 = time.perf_counter()
+    tokenizer = td.load_tokenizer(str(model_dir))
+    load_s = time.perf_counter() - t0
+    seconds, split = [], None
+    for _ in range(repeats):
+        encoder = td.PromptEncoder(tokenizer, cfg.training.max_length)
+        t0 = time.perf_counter()
+        split = td.build_split(DEMO_TRAIN, "train", cfg, encoder)
+        seconds.append(time.perf_counter() - t0)
+    lengths = [len(e["input_ids"]) for e in split.examples]
+    return {"tokenizer_load_s": load_s, "build_split_s": seconds, "examples": len(lengths), "lengths": lengths,
+            "vocab": len(tokenizer)}
+
+
+def epoch_padding_efficiency(lengths: list[int], batch_size: int, world: int, seed: int) -> dict[str, float]:
+    """Real / processed tokens over one epoch of per-process batches, padded to each batch's longest example.
+    plain: the Trainer's default random order. grouped: transformers' LengthGroupedSampler order (megabatches of
+    50 x the global batch sorted by length), the reference for `group_by_length`. padding-free: 1 by construction."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    def efficiency(order: list[int]) -> float:
+        real = processed = 0
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            batch = [lengths[j] for j in order[i:i + batch_size]]
+            real, processed = real + sum(batch), processed + max(batch) * len(batch)
+        return real / processed
+
+    plain = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    grouped = get_length_grouped_indices(lengths, batch_size * world, generator=torch.Generator().manual_seed(seed))
+    return {"plain": efficiency(plain), "grouped": efficiency(list(grouped))}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Profiling one run of ours
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# (label, file path suffix, function name): the costs the report prices per step. Cumulative times nest (the Adam step
+# is inside the engine step, hooks inside forward and backward), so the rows do not add up.
+PROFILE_ITEMS = [
+    ("whole training step (Trainer.training_step)", "transformers/trainer.py", "training_step"),
+    ("  forward (DeepSpeed engine)", "deepspeed/runtime/engine.py", "forward"),
+    ("  backward (engine, incl. recomputation and gradient reduce-scatter)", "deepspeed/runtime/engine.py", "backward"),
+    ("    checkpointed layers recomputed in backward (unpack_hook)", "torch/utils/checkpoint.py", "unpack_hook"),
+    ("    ZeRO-3 gradient reduce-scatter (reduce_partition_and_remove_grads)", "deepspeed/runtime/zero/stage3.py",
+     "reduce_partition_and_remove_grads"),
+    ("      cpu_accelerator.device_count (forks `numactl --hardware` unless LOCAL_SIZE is set)",
+     "deepspeed/accelerator/cpu_accelerator.py", "device_count"),
+    ("  optimizer step (engine.step: CPU Adam, parameter re-partition)", "deepspeed/runtime/engine.py", "step"),
+    ("    DeepSpeedCPUAdam.step", "deepspeed/ops/adam/cpu_adam.py", "step"),
+    ("ZeRO-3 parameter fetch hooks (pre_sub_module_forward)", "deepspeed/runtime/zero/parameter_offload.py",
+     "pre_sub_module_forward_function"),
+    ("ZeRO-3 parameter release hooks (post_sub_module_forward)", "deepspeed/runtime/zero/parameter_offload.py",
+     "post_sub_module_forward_function"),
+    ("waiting on gloo collectives (c10d wait)", "~", "<built-in method torch._C._distributed_c10d.wait>"),
+    ("Trainer logging / save / evaluate check (_maybe_log_save_evaluate)", "transformers/trainer.py",
+     "_maybe_log_save_evaluate"),
+    ("fetching + collating batches (get_batch_samples)", "transformers/trainer.py", "get_batch_samples"),
+    ("callbacks: on_step_end (all)", "transformers/trainer_callback.py", "on_step_end"),
+]
+
+
+def profile_table(stats_file: Path, steps: int, measured_script: Path) -> str:
+    """Per-step cumulative ms of the PROFILE_ITEMS, then every function of the measured script, by cumulative time."""
+    import pstats
+
+    st = pstats.Stats(str(stats_file)).stats
+    lines = ["| cost | calls/step | ms/step (cumulative) |", "|---|---|---|"]
+    for label, suffix, name in PROFILE_ITEMS:
+        hits = [v for (f, _, n), v in st.items() if n == name and f.endswith(suffix)]
+        if hits:
+            calls, cum = sum(v[1] for v in hits), sum(v[3] for v in hits)
+            lines.append(f"| {label} | {calls / steps:.1f} | {1000 * cum / steps:.1f} |")
+    ours = sorted(((v[3], v[2], v[1], n, line) for (f, line, n), v in st.items() if Path(f) == measured_script),
+                  reverse=True)
+    lines += ["", f"Functions of {measured_script.name}, per step. Cumulative time includes what they call: "
+              "training_step and checkpoint_on_cpu wrap the model's own work (the whole step; each decoder layer's "
+              "forward), so their own time is what they add.", "",
+              "| function | calls/step | ms/step cumulative | ms/step own |", "|---|---|---|---|"]
+    lines += [f"| {n} (line {line}) | {calls / steps:.1f} | {1000 * cum / steps:.2f} | {1000 * own / steps:.3f} |"
+              for cum, own, calls, n, line in ours[:15]]
+    return "\n".join(lines)
+
+
+def profile_ours(ctx: dict) -> str:
+    """One launch of ours with cProfile on rank 0 (steps 2..N); returns the report section."""
+    work = ctx["work"] / "profile"
+    stats_file = work / "rank0.prof"
+    cmd = ours_cmd(ctx["config"], work / "run", work / "probe", ctx["steps"], [], profile=stats_file)
+    rc, _ = launch(cmd, ctx["work"] / "logs" / "profile.log", ctx["env"])
+    if rc != 0 or not stats_file.is_file():
+        return f"profiling run failed (exit code {rc}); see {ctx['work'] / 'logs' / 'profile.log'}"
+    import io
+    import pstats
+
+    probe = summarise_probe(work / "probe")
+    steps = probe["steps"] - 1
+    text = io.StringIO()
+    text.write(f"cProfile on rank 0 over steps 2..{steps + 1} of one launch ({probe['s_per_step']:.3f} s/step under "
+               "the profiler, which slows Python-heavy code such as hooks more than C++ kernels).\n\n")
+    text.write(profile_table(stats_file, steps, ctx["gemma_dir"] / "train_deepspeed.py"))
+    text.write("\n\nTop functions by cumulative and by own time (whole run of steps 2..N):\n\n```\n")
+    stats = pstats.Stats(str(stats_file), stream=text)
+    stats.strip_dirs().sort_stats("cumulative").print_stats(40)
+    stats.sort_stats("tottime").print_stats(25)
+    text.write("```\n")
+    return text.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def spread(values: list[float], fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    med = format(statistics.median(values), fmt)
+    return med if len(values) == 1 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def gb(values: list[float]) -> str:
+    return spread([v / 1e9 for v in values], ".2f")
+
+
+def runner_rows(results: list[RunResult], runners: list[str]) -> list[str]:
+    bare = {r.repeat: r for r in results if r.runner == "bare PyTorch loop" and r.ok}
+    ours = {r.repeat: r for r in results if r.runner == "ours" and r.ok}
+    rows = []
+    for name in runners:
+        runs = [r for r in results if r.runner == name]
+        ok = [r for r in runs if r.ok]
+        if not ok:
+            errors = "; ".join(f"repeat {r.repeat}: {r.error} ({r.log.name})" for r in runs) or "not run"
+            rows.append(f"| {name} | failed: {errors} |  |  |  |  |  |  |  |")
+            continue
+        ratio = [r.probe["s_per_step"] / bare[r.repeat].probe["s_per_step"] for r in ok if r.repeat in bare]
+        vs_ours = [r.probe["s_per_step"] / ours[r.repeat].probe["s_per_step"] for r in ok if r.repeat in ours]
+        rss = [[r.probe["peak_rss_bytes"][i] for r in ok] for i in range(len(ok[0].probe["peak_rss_bytes"]))]
+        failed = f" ({len(runs) - len(ok)} failed)" if len(ok) < len(runs) else ""
+        rows.append(
+            f"| {name}{failed} | {spread([r.probe['s_per_step'] for r in ok], '.3f')} "
+            f"| {spread([r.probe['compute_s_per_step'] for r in ok], '.3f')} "
+            f"| {spread([r.probe['tokens_per_s'] for r in ok], '.0f')} "
+            f"| {spread(ratio, '.2f') + 'x' if ratio else 'n/a'} "
+            f"| {spread(vs_ours, '.2f') + 'x' if vs_ours else 'n/a'} "
+            f"| {spread([r.probe['padding_efficiency'] for r in ok], '.3f')} "
+            f"| {' / '.join(gb(v) for v in rss)} | {spread([r.wall_s for r in ok], '.0f')} |")
+    return rows
+
+
+def ours_rows(results: list[RunResult]) -> list[str]:
+    """Our script's own figures: results.json "throughput" (when the script writes it) and train_runtime."""
+    rows = []
+    for name in ("ours", "ours, plain padded"):
+        ok = [r for r in results if r.runner == name and r.ok]
+        if not ok:
+            continue
+        tp = [r.results_json.get("throughput") or {} for r in ok]
+        training = ok[0].resolved.get("training", {})
+        batching = ", ".join(f"{k}={json.dumps(training[k])}" for k in ("group_by_length", "padding_free")
+                             if k in training) or "plain padded (no batching keys)"
+        per_step = [r.results_json["train"]["train_runtime"] / r.results_json["global_step"] for r in ok
+                    if r.results_json.get("train", {}).get("train_runtime") and r.results_json.get("global_step")]
+        rss = [t.get("peak_rss_bytes") or [] for t in tp]
+        rss_text = " / ".join(gb([x[i] for x in rss]) for i in range(min(map(len, rss)))) or "n/a"
+        rows.append(
+            f"| {name} | {batching} | {spread([t.get('seconds_per_step') for t in tp], '.3f')} "
+            f"| {spread([t.get('tokens_per_second') for t in tp], '.0f')} "
+            f"| {spread([t.get('padding_efficiency') for t in tp], '.3f')} | {rss_text} "
+            f"| {spread(per_step, '.3f')} | {spread([r.results_json.get('wall_time_s') for r in ok], '.0f')} |")
+    return rows
+
+
+def render_report(args, ctx: dict, results: list[RunResult], runners: list[str], skipped: dict[str, str],
+                  data: dict, padding: dict, profile_text: str | None, total_s: float) -> str:
+    lines = [
+        "# Training speed: Gemma/train_deepspeed.py vs a bare PyTorch loop vs TRL SFTTrainer (CPU)",
+        "",
+        f"- Date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}; whole benchmark {total_s / 60:.1f} min",
+        f"- Machine: {machine_description()}; shared with other work, so timings are noisy",
+        f"- Libraries: {library_versions()}",
+        f"- Command: `{ctx['command']}`",
+        f"- Measured script: {ctx['measured']}, copied once at the start and run from the copy",
+        f"- Model: tiny random Gemma 3 from tests/tiny_gemma.py (hidden 64, 2 layers, 2 heads, vocab {ctx['tiny_vocab']})",
+        f"- Data: {DEMO_TRAIN.relative_to(REPO)} ({data['tiny']['examples']} examples; tiny tokenizer: mean "
+        f"{statistics.mean(data['tiny']['lengths']):.0f}, max {max(data['tiny']['lengths'])} tokens), ablation "
+        f"{ABLATION}",
+        f"- Settings: {args.steps} optimizer steps per launch, {args.repeats} launches per runner (runners take turns, "
+        "order rotating), 2 processes with OMP_NUM_THREADS=1, per-process batch "
+        f"{ctx['cfg']['training']['batch_size']}, max_length {ctx['cfg']['training']['max_length']}, bf16, "
+        "activation checkpointing (ours, TRL), DeepSpeed ZeRO-3 with parameter + optimizer offload (ours, TRL: the "
+        "same JSON)",
+        "- Figures: median (min–max) over launches. s/step: from one step's end to the next (batch fetch and "
+        "collation included), median over steps 2..N, rank 0. compute s/step: on_step_begin to on_step_end. "
+        "tokens/s: real (non-padding) tokens of both ranks over steps 2..N / their wall time. overhead: s/step / "
+        "bare loop s/step of the same repeat (vs ours: over ours of the same repeat). padding eff.: real / processed tokens of the batches trained. "
+        "Peak RSS per rank (getrusage).",
+        "",
+        "## Training throughput",
+        "",
+        "| runner | s/step | compute s/step | tokens/s | overhead vs bare | vs ours | padding eff. "
+        "| peak RSS rank 0 / 1 (GB) | launch wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *runner_rows(results, runners),
+    ]
+    for name, why in skipped.items():
+        lines.append(f"| {name} | skipped: {why} |  |  |  |  |  |  |  |")
+    rows = ours_rows(results)
+    if rows:
+        lines += ["", "Our script's own figures (results.json):", "",
+                  "| run | batching (resolved_config.json) | throughput.seconds_per_step | tokens_per_second "
+                  "| padding_efficiency | peak_rss_bytes rank 0 / 1 (GB) | train.train_runtime / steps (s) "
+                  "| wall_time_s |",
+                  "|---|---|---|---|---|---|---|---|", *rows]
+    lines += ["", "## Padding efficiency over one epoch of the demo data (computed from the token lengths)", "",
+              f"Per-process batches of {ctx['cfg']['training']['batch_size']}, padded to the longest example "
+              "of each batch. Length-grouped: transformers' LengthGroupedSampler order (the reference for "
+              "`group_by_length`). Padding-free batches (concatenated, no padding) are 1.000 by construction.", "",
+              "| tokenizer | examples | mean / max tokens | plain random batches | length-grouped batches |",
+              "|---|---|---|---|---|"]
+    for key, label in (("tiny", "tiny (tests/tiny_gemma.py), the one trained above"),
+                       ("real", f"real Gemma 3 ({REAL_MODEL.relative_to(REPO)})")):
+        if key in data:
+            ls = data[key]["lengths"]
+            lines.append(f"| {label} | {len(ls)} | {statistics.mean(ls):.0f} / {max(ls)} "
+                         f"| {padding[key]['plain']:.3f} | {padding[key]['grouped']:.3f} |")
+    lines += ["", "## Data preparation (demo training split, in one process)", "",
+              "train_deepspeed.build_split: read the JSONL, check every record, fit the history into max_length, "
+              f"render and tokenize, mask the prompt; {args.repeats} times.", "",
+              "| tokenizer | vocab | load tokenizer (s) | build_split (s) |", "|---|---|---|---|"]
+    for key, label in (("real", "real Gemma 3 270M"), ("tiny", "tiny")):
+        if key in data:
+            d = data[key]
+            lines.append(f"| {label} | {d['vocab']} | {d['tokenizer_load_s']:.2f} | {spread(d['build_split_s'], '.2f')} |")
+    if "real" not in data:
+        lines.append(f"| real Gemma 3 270M | not present at {REAL_MODEL} (run Gemma/prepare_gemma.py) | | |")
+    failed = [r for r in results if not r.ok]
+    if failed:
+        lines += ["", "Failed launches: " + "; ".join(f"{r.runner} #{r.repeat}: {r.error}, log {r.log}" for r in failed)]
+    if profile_text:
+        lines += ["", "## Profile of ours (--profile)", "", profile_text.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore::FutureWarning")
+    work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="speed-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    command = shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO))
+                          else sys.executable, os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
+    print(f"speed benchmark: work directory {work}", flush=True)
+
+    gemma_dir, measured = snapshot_script(args.gemma_dir or REPO / "Gemma", work)
+    model_dir = build_model(work)
+    config = write_bench_config(work, model_dir, args.steps)
+    ctx = {"work": work, "steps": args.steps, "config": config, "env": subprocess_env(gemma_dir),
+           "command": command, "cfg": json.loads(config.read_text()), "gemma_dir": gemma_dir, "measured": measured}
+
+    # Untimed warm-up launch: compiled ops, file cache, and the DeepSpeed JSON for TRL.
+    print("warm-up launch of ours ...", flush=True)
+    warm = work / "warmup"
+    rc, wall = launch(ours_cmd(config, warm / "run", warm / "probe", 3, []), work / "logs" / "warmup.log", ctx["env"])
+    ctx["ds_json"] = warm / "run" / "deepspeed_config" / "ds_config_zero3.json"
+    if rc != 0 or not ctx["ds_json"].is_file():
+        print(f"error: the warm-up run of our script failed (exit code {rc}); see {work / 'logs' / 'warmup.log'}",
+              file=sys.stderr)
+        return 1
+    print(f"  done in {wall:.0f} s", flush=True)
+
+    runners, skipped = ["ours", "ours, plain padded", "TRL SFTTrainer", "bare PyTorch loop"], {}
+    keys = measured_training_keys(gemma_dir)
+    if not {"group_by_length", "padding_free"} <= keys:
+        runners.remove("ours, plain padded")
+        skipped["ours, plain padded"] = ("the measured train_deepspeed.py has no training.group_by_length / "
+                                         "padding_free keys: its only batching is plain padded (= ours above)")
+    if args.profile:
+        runners += PROFILE_VARIANTS
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        runners.remove("TRL SFTTrainer")
+        skipped["TRL SFTTrainer"] = "trl is not installed (pip install -r benchmarks/requirements.txt)"
+
+    results: list[RunResult] = []
+    for repeat in range(1, args.repeats + 1):
+        shift = (repeat - 1) % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            print(f"repeat {repeat}/{args.repeats}: {runner} ...", flush=True)
+            r = run_one(runner, repeat, ctx)
+            results.append(r)
+            print(f"  {'%.3f s/step' % r.probe['s_per_step'] if r.ok else 'FAILED: ' + r.error} "
+                  f"(launch {r.wall_s:.0f} s)", flush=True)
+
+    print("data preparation and padding ...", flush=True)
+    data = {"tiny": time_data_preparation(config, model_dir, args.repeats, gemma_dir)}
+    if (REAL_MODEL / "tokenizer.json").is_file():
+        data["real"] = time_data_preparation(config, REAL_MODEL, args.repeats, gemma_dir)
+    t = ctx["cfg"]["training"]
+    padding = {k: epoch_padding_efficiency(d["lengths"], t["batch_size"], 2, t.get("seed", 42)) for k, d in data.items()}
+    ctx["tiny_vocab"] = data["tiny"]["vocab"]
+
+    profile_text = None
+    if args.profile:
+        print("profiling one run of ours ...", flush=True)
+        profile_text = profile_ours(ctx)
+
+    report = render_report(args, ctx, results, runners, skipped, data, padding, profile_text,
+                           time.perf_counter() - started)
+    write_atomic(args.output, report)
+    print(report)
+    print(f"written to {args.output}")
+    if args.workdir is None and all(r.ok for r in results):
+        shutil.rmtree(work, ignore_errors=True)
+    elif not all(r.ok for r in results):
+        print(f"some launches failed; their logs are in {work / 'logs'}", file=sys.stderr)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
