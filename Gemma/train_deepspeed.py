@@ -2191,7 +2191,6 @@ def dry_run_report(plan: RunPlan, splits: dict[str, Split], example: dict, mp: M
                    resolved: dict, padding: dict[str, float]) -> str:
     cfg, t, hw, shape = plan.cfg, plan.cfg.training, mp.hardware, mp.shape
     gpus = hw.gpus_per_node * hw.nodes
-    train = splits["train"].stats
     lines = [f"# Dry run: {plan.config_path.name}, ablation {plan.ablation_name} (nothing was trained)", ""]
     lines += ["## Model", "",
               f"{_shown(plan.model_path)} ({shape.model_type}): {shape.total_params:,} parameters, largest layer "

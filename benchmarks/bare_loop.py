@@ -16,7 +16,6 @@ Each rank writes probe_rank<R>.json (benchmarks/step_probe.py's format).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
