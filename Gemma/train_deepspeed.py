@@ -179,6 +179,10 @@ class TrainingConfig:
     # then costs (batch_size x length)^2 instead of batch_size x length^2.
     padding_free: Literal["auto", True, False] = "auto"
 
+    def global_batch(self, processes: int) -> int:
+        """Examples per optimizer step over all processes."""
+        return self.batch_size * self.gradient_accumulation_steps * processes
+
 
 @dataclass
 class DeepSpeedChoices:
@@ -833,8 +837,9 @@ def bucket_sizes(model_config: dict) -> dict[str, Any]:
     """ZeRO-3 bucket sizes from the model's hidden size, transformers' "auto" formulas (prefetch 0.9 h², persistence
     threshold 10 h), written as integers because multimodal configs (Gemma 3 4B+) keep hidden_size in text_config.
     The gradient reduce bucket is h² but at least MIN_REDUCE_BUCKET: h² alone makes one reduce-scatter per 0.4M
-    gradient elements on Gemma 3 270M (h = 640), and fewer, larger ones were faster (benchmarks/speed.py: 0.75x the
-    step time on a tiny Gemma on the CPU); 5e7 bf16 elements are 100 MB, a tenth of DeepSpeed's default."""
+    gradient elements on Gemma 3 270M (h = 640), and fewer, larger ones were faster (benchmarks/results/speed.md:
+    h² took 1.20x the step time on a tiny Gemma on the CPU); 5e7 bf16 elements are 100 MB, a tenth of DeepSpeed's
+    default."""
     hidden = model_config.get("hidden_size") or (model_config.get("text_config") or {}).get("hidden_size")
     if hidden is None:
         raise UserError("the model config has no hidden_size (top level or text_config); pass --deepspeed_config "
@@ -1152,20 +1157,20 @@ def detect_hardware(args: argparse.Namespace) -> Hardware:
     """This launch's GPUs and nodes (from the launcher's environment), or the ones --dry_run was told to plan for."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    described = any(getattr(args, k, None) is not None for k in ("gpus_per_node", "num_nodes", "gpu_memory_gib"))
+    described = any(x is not None for x in (args.gpus_per_node, args.num_nodes, args.gpu_memory_gib))
     gpu_memory = None
-    if getattr(args, "gpu_memory_gib", None) is not None:
+    if args.gpu_memory_gib is not None:
         gpu_memory = int(args.gpu_memory_gib * GIB)
     elif not described:
         import torch
 
         if torch.cuda.is_available():
             gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    cpu_memory = (int(args.cpu_memory_gib * GIB) if getattr(args, "cpu_memory_gib", None) is not None
+    cpu_memory = (int(args.cpu_memory_gib * GIB) if args.cpu_memory_gib is not None
                   else None if described else host_memory_bytes())
     return Hardware(
-        gpus_per_node=getattr(args, "gpus_per_node", None) or local,
-        nodes=getattr(args, "num_nodes", None) or max(1, world // local),
+        gpus_per_node=args.gpus_per_node or local,
+        nodes=args.num_nodes or max(1, world // local),
         gpu_memory=gpu_memory, cpu_memory=cpu_memory,
         source="as described on the command line" if described else "this machine and launch",
     )
@@ -1371,16 +1376,13 @@ class SupervisedPositionsCollator:
     def __init__(self, tokenizer: Any, padding_free: bool = False, flash_attention: bool = False):
         from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-        self.padding_free = padding_free
         self.pad = (DataCollatorWithFlattening(return_flash_attn_kwargs=flash_attention) if padding_free
                     else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        if self.padding_free:
-            features = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
-        batch = self.pad(features)
+        batch = self.pad(features)  # the flattening collator reads input_ids and labels only
         # Position t predicts token t+1: the label for position t is labels[t+1].
         next_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
         keep = next_labels != IGNORE_INDEX
@@ -1425,6 +1427,18 @@ def padding_efficiency(lengths: list[list[int]]) -> float:
     """Real tokens / tokens processed, for micro-batches of example lengths right-padded to their longest."""
     real = sum(sum(batch) for batch in lengths)
     return real / sum(max(batch) * len(batch) for batch in lengths)
+
+
+def epoch_padding_efficiency(split: Split, batch_size: int, group_size: int, seed: int) -> dict[str, float]:
+    """padding_efficiency over one epoch of micro-batches, in length-grouped and in random order."""
+    import torch
+
+    lengths = [len(e["input_ids"]) for e in split.examples]
+    orders = {"grouped": list(LengthGroupedSampler(split.group_lengths, group_size, seed)),
+              "random": torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()}
+    return {name: padding_efficiency([[lengths[i] for i in order[k:k + batch_size]]
+                                      for k in range(0, len(order), batch_size)])
+            for name, order in orders.items()}
 
 
 def make_callbacks(cfg: Config, ds_config: dict, stats: OffloadStats) -> list:
@@ -1955,6 +1969,30 @@ def build_splits(plan: RunPlan, encoder: PromptEncoder, names: tuple[str, ...]) 
     return splits
 
 
+def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, PromptEncoder, dict[str, Split]]:
+    """Tokenizer, prompt encoder (its fixed parts checked against max_length) and the named splits."""
+    tokenizer = load_tokenizer(plan.tokenizer_path)
+    encoder = PromptEncoder(tokenizer, plan.cfg.training.max_length)
+    encoder.check_fixed_parts()
+    return tokenizer, encoder, build_splits(plan, encoder, names)
+
+
+def load_gemma_config(model_path: str) -> dict:
+    model_config = load_model_config(model_path)
+    problem = not_gemma(model_config.get("model_type"), model_path)  # hub ids are only checked here
+    if problem:
+        raise UserError(problem)
+    return model_config
+
+
+def deepspeed_config_for(plan: RunPlan, model_config: dict, memory_plan: MemoryPlan | None) -> dict:
+    """The user's --deepspeed_config, or the generated one with any "auto" offload resolved by the memory plan."""
+    if plan.custom_ds is not None:
+        return plan.custom_ds
+    return generate_deepspeed_config(resolved_offload(plan.cfg.deepspeed, memory_plan), plan.cfg.model.dtype,
+                                     model_config)
+
+
 def write_run_files(plan: RunPlan, args: argparse.Namespace, ds_config: dict) -> None:
     """Rank 0: clear an overwritten run, save the DeepSpeed config used and resolved_config.json."""
     out = plan.output_dir
@@ -2014,24 +2052,18 @@ def run(args: argparse.Namespace) -> Path:
     cpu_only = start_distributed(rank, cfg.model.dtype)
     import torch.distributed as dist
 
-    tokenizer = load_tokenizer(plan.tokenizer_path)
-    encoder = PromptEncoder(tokenizer, t.max_length)
-    encoder.check_fixed_parts()
-    splits = build_splits(plan, encoder, ("test",) if args.do_eval_only else ("train", "validation", "test"))
+    tokenizer, encoder, splits = prepare_data(
+        plan, ("test",) if args.do_eval_only else ("train", "validation", "test"))
 
     # DeepSpeed config (offload "auto" decided from the memory estimate), TrainingArguments, then the model
     # (partitioned by zero.Init).
-    model_config = load_model_config(plan.model_path)
-    problem = not_gemma(model_config.get("model_type"), plan.model_path)  # hub ids are only checked here
-    if problem:
-        raise UserError(problem)
+    model_config = load_gemma_config(plan.model_path)
     memory_plan = None
     if plan.custom_ds is None and "auto" in (cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params):
         memory_plan = plan_memory_for(plan, args, splits)
         logger.info("Offload \"auto\": optimizer %s, parameters %s (%s).", memory_plan.offload_optimizer,
                     memory_plan.offload_params, memory_plan.reason)
-    ds_config = plan.custom_ds if plan.custom_ds is not None else generate_deepspeed_config(
-        resolved_offload(cfg.deepspeed, memory_plan), cfg.model.dtype, model_config)
+    ds_config = deepspeed_config_for(plan, model_config, memory_plan)
     training_args = build_training_arguments(cfg, plan.output_dir, ds_config, "validation" in splits, cpu_only)
     world_size = training_args.world_size
     if rank == 0 and not args.do_eval_only:
@@ -2041,7 +2073,7 @@ def run(args: argparse.Namespace) -> Path:
         logger.warning("accelerate started one process. If you asked for several: on a CPU-only machine add "
                        "--use_deepspeed to `accelerate launch`.")
     logger.info("World size %d; effective global batch size %d = batch_size %d x gradient_accumulation_steps %d x "
-                "%d processes.", world_size, t.batch_size * t.gradient_accumulation_steps * world_size,
+                "%d processes.", world_size, t.global_batch(world_size),
                 t.batch_size, t.gradient_accumulation_steps, world_size)
 
     offload_stats = OffloadStats()
@@ -2051,8 +2083,7 @@ def run(args: argparse.Namespace) -> Path:
     sampler = None
     if "train" in splits and t.group_by_length and not padding_free:
         # The longest micro-batches of the whole first optimizer step come first, on every rank.
-        sampler = LengthGroupedSampler(splits["train"].group_lengths,
-                                       t.batch_size * t.gradient_accumulation_steps * world_size, t.seed)
+        sampler = LengthGroupedSampler(splits["train"].group_lengths, t.global_batch(world_size), t.seed)
     logger.info("Batching: %s.", "padding-free (one concatenated row per micro-batch)" if padding_free
                 else f"padded to the longest example, {'grouped' if sampler else 'not grouped'} by length")
     trainer = make_trainer_class(guard, meter, sampler)(
@@ -2086,7 +2117,7 @@ def run(args: argparse.Namespace) -> Path:
             **loss_summary(trainer.state.log_history),
             "global_step": trainer.state.global_step,
             "world_size": world_size,
-            "effective_batch_size": t.batch_size * t.gradient_accumulation_steps * world_size,
+            "effective_batch_size": t.global_batch(world_size),
             "examples": {name: dataclasses.asdict(split.stats) for name, split in splits.items()},
             "deepspeed": describe_engine(trainer),
             "memory_plan": memory_plan_summary(memory_plan) if memory_plan else None,
@@ -2210,7 +2241,7 @@ def dry_run_report(plan: RunPlan, splits: dict[str, Split], example: dict, mp: M
               f"micro-batches (real tokens / tokens processed): {padding['grouped']:.3f} grouped by length, "
               f"{padding['random']:.3f} in random order; padding-free batching processes no padding.", ""]
     lines += ["## Batch", "",
-              f"Effective global batch {t.batch_size * t.gradient_accumulation_steps * gpus} = batch_size "
+              f"Effective global batch {t.global_batch(gpus)} = batch_size "
               f"{t.batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps} x {gpus} GPUs "
               f"({hw.gpus_per_node} per node x {hw.nodes} nodes).", ""]
     sections = example["sections"]
@@ -2262,17 +2293,10 @@ def dry_run(args: argparse.Namespace) -> Path:
     """--dry_run on rank 0 (other ranks of a launch have nothing to add): no weights, no training, no checkpoint."""
     plan = plan_run(args)
     cfg, t = plan.cfg, plan.cfg.training
-    tokenizer = load_tokenizer(plan.tokenizer_path)
-    encoder = PromptEncoder(tokenizer, t.max_length)
-    encoder.check_fixed_parts()
-    splits = build_splits(plan, encoder, ("train", "validation", "test"))
-    model_config = load_model_config(plan.model_path)
-    problem = not_gemma(model_config.get("model_type"), plan.model_path)
-    if problem:
-        raise UserError(problem)
+    _, encoder, splits = prepare_data(plan, ("train", "validation", "test"))
+    model_config = load_gemma_config(plan.model_path)
     mp = plan_memory_for(plan, args, splits)
-    ds_config = plan.custom_ds if plan.custom_ds is not None else generate_deepspeed_config(
-        resolved_offload(cfg.deepspeed, mp), cfg.model.dtype, model_config)
+    ds_config = deepspeed_config_for(plan, model_config, mp)
 
     train_file = resolve_path(cfg.data.train_file, plan.config_path.parent)
     record = read_records(train_file, cfg.data.fields)[0]
@@ -2284,16 +2308,8 @@ def dry_run(args: argparse.Namespace) -> Path:
                                                                  cfg.prompt.include_history, items)),
                "target": record["target"].strip()}
 
-    import torch
-
-    lengths = [len(e["input_ids"]) for e in splits["train"].examples]
     gpus = mp.hardware.gpus_per_node * mp.hardware.nodes
-    orders = {"grouped": list(LengthGroupedSampler(splits["train"].group_lengths,
-                                                   t.batch_size * t.gradient_accumulation_steps * gpus, t.seed)),
-              "random": torch.randperm(len(lengths), generator=torch.Generator().manual_seed(t.seed)).tolist()}
-    padding = {name: padding_efficiency([[lengths[i] for i in order[k:k + t.batch_size]]
-                                         for k in range(0, len(order), t.batch_size)])
-               for name, order in orders.items()}
+    padding = epoch_padding_efficiency(splits["train"], t.batch_size, t.global_batch(gpus), t.seed)
 
     resolved = {**dataclasses.asdict(cfg), "ablation": {"name": plan.ablation_name, **dataclasses.asdict(plan.ablation)},
                 "model_path": _shown(plan.model_path), "tokenizer_path": _shown(plan.tokenizer_path)}
@@ -2305,7 +2321,7 @@ def dry_run(args: argparse.Namespace) -> Path:
     write_json_atomic(out / "plan.json", {
         "memory": memory_plan_summary(mp), "examples": {k: dataclasses.asdict(s.stats) for k, s in splits.items()},
         "example": example, "padding_efficiency": padding,
-        "effective_batch_size": t.batch_size * t.gradient_accumulation_steps * gpus})
+        "effective_batch_size": t.global_batch(gpus)})
     write_text_atomic(out / "report.md", report)
     print(report, flush=True)
     logger.info("Dry run report: %s", out / "report.md")
