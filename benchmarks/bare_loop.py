@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_data import load_train_examples, pad_batch  # noqa: E402
+from bench_data import IGNORE_INDEX, load_train_examples  # noqa: E402
 from step_probe import write_probe  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -50,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     ddp = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
 
+    # Right-padded batches with -100 labels on the padding, as our collator pads (without its LM-head mask).
+    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(t.seed)).tolist()
     bs = t.batch_size
     ends, begins, real, processed = [], [], [], []
     for step in range(args.steps):
         start = ((step * world + rank) * bs) % (len(order) - bs + 1)
-        batch = pad_batch([examples[i] for i in order[start:start + bs]], tokenizer.pad_token_id)
+        batch = pad([examples[i] for i in order[start:start + bs]])
         begins.append(time.perf_counter())
         loss = ddp(**batch).loss
         loss.backward()

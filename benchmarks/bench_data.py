@@ -28,13 +28,3 @@ def load_train_examples(config_path: Path, ablation: str = "profile_and_history"
     split = td.build_split(td.resolve_path(cfg.data.train_file, config_path.resolve().parent), "train", cfg, encoder)
     return split.examples, tokenizer, cfg, model_path
 
-
-def pad_batch(features: list[dict], pad_id: int):
-    """Right-pad input_ids (pad_id), attention_mask (0) and labels (-100) to the longest example of the batch."""
-    import torch
-
-    width = max(len(f["input_ids"]) for f in features)
-    def padded(key, value):
-        return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features])
-    return {"input_ids": padded("input_ids", pad_id), "attention_mask": padded("attention_mask", 0),
-            "labels": padded("labels", IGNORE_INDEX)}
