@@ -39,12 +39,13 @@ import argparse
 import hashlib
 import itertools
 import json
-import os
 import random
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from finetune.outputs import write_atomic  # temporary file, fsync, rename: never a partial file
 
 # Single common words that the real Gemma 3 tokenizer encodes as ONE token both with and without a leading
 # space (checked with the GGUF tokenizer: e.g. "romance" and "scifi" split into two tokens without the space,
@@ -210,20 +211,6 @@ def rule_accuracy(records: Iterable[Record], occupation_prob: float, flip_prob: 
 # ----------------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------------
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` as UTF-8 with LF newlines via a temporary file and os.replace (never a partial file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def to_jsonl(records: Iterable[Record]) -> str:
     # Key order is the insertion order of make_user, so the bytes are deterministic without sort_keys.

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from train_deepspeed import RESULTS_NAME
+from finetune.outputs import RESULTS_NAME
 
 HERE = Path(__file__).resolve().parent
 SHIPPED_ABLATIONS = ["profile_and_history", "profile_only", "history_only", "query_only"]

@@ -1,5 +1,6 @@
 """The training examples every runner of benchmarks/speed.py trains on, tokenized exactly as Gemma/train_deepspeed.py
-does (its own load_settings, load_tokenizer, PromptEncoder and build_split), so the token sequences are identical."""
+does (its package's load_settings, load_tokenizer, PromptEncoder and build_split), so the token sequences are
+identical."""
 
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ GEMMA_DIR = Path(os.environ.get(GEMMA_DIR_ENV) or REPO / "Gemma").resolve()
 if str(GEMMA_DIR) not in sys.path:
     sys.path.insert(0, str(GEMMA_DIR))
 
-import train_deepspeed as td  # noqa: E402  (imports nothing heavy at module level)
-
-IGNORE_INDEX = td.IGNORE_INDEX
+from finetune.data import build_split  # noqa: E402
+from finetune.prompts import IGNORE_INDEX, PromptEncoder  # noqa: E402,F401  (IGNORE_INDEX: for the runners)
+from finetune.settings import load_settings, resolve_path  # noqa: E402
 
 
 def load_train_examples(config_path: Path, ablation: str = "profile_and_history"):
     """(examples, tokenizer, cfg, model_path) for config_path's train_file under the given ablation profile."""
-    cfg, _, _ = td.load_settings(config_path.resolve(), ablation, [])
-    model_path = str(td.resolve_path(cfg.model.model_name_or_path, config_path.resolve().parent))
-    tokenizer = td.load_tokenizer(model_path)
-    encoder = td.PromptEncoder(tokenizer, cfg.training.max_length)
-    split = td.build_split(td.resolve_path(cfg.data.train_file, config_path.resolve().parent), "train", cfg, encoder)
+    from finetune.trainer import load_tokenizer  # torch: only once the caller has set its process up
+
+    cfg, _ = load_settings(config_path.resolve(), ablation, [])
+    model_path = str(resolve_path(cfg.model.model_name_or_path, config_path.resolve().parent))
+    tokenizer = load_tokenizer(model_path)
+    encoder = PromptEncoder(tokenizer, cfg.training.max_length)
+    split = build_split(resolve_path(cfg.data.train_file, config_path.resolve().parent), "train", cfg, encoder)
     return split.examples, tokenizer, cfg, model_path
 

@@ -37,18 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    import train_deepspeed as td
+    from finetune.batching import SupervisedPositionsCollator
+    from finetune.config import FieldNames, PromptConfig
+    from finetune.data import read_records
+    from finetune.prompts import PromptEncoder
+    from finetune.trainer import load_tokenizer
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    tokenizer = td.load_tokenizer(str(args.model))
+    tokenizer = load_tokenizer(str(args.model))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="eager")
     model.config.use_cache = False
     model.train()
-    encoder = td.PromptEncoder(tokenizer, 256)
-    records = td.read_records(REPO / "Gemma" / "data" / "demo" / "train.jsonl", td.FieldNames())[:args.batch_size]
-    features = [encoder.encode(r, td.PromptConfig(), len(r["history"])) for r in records]
-    batch = td.SupervisedPositionsCollator(tokenizer)(features)
+    encoder = PromptEncoder(tokenizer, 256)
+    records = read_records(REPO / "Gemma" / "data" / "demo" / "train.jsonl", FieldNames())[:args.batch_size]
+    features = [encoder.encode(r, PromptConfig(), len(r["history"])) for r in records]
+    batch = SupervisedPositionsCollator(tokenizer)(features)
     variants = {"all positions": {k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
                 "supervised positions": dict(batch)}
 

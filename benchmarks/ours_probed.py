@@ -3,17 +3,20 @@
     .venv/bin/accelerate launch --use_deepspeed --num_processes 2 benchmarks/ours_probed.py --probe_dir DIR \\
         [--cprofile RANK0.prof] <the arguments of Gemma/train_deepspeed.py>
 
-Runs exactly what `accelerate launch ... Gemma/train_deepspeed.py <args>` runs (the module's main(), unchanged); the
-probe only adds a callback and a counter to transformers.Trainer, the same ones the TRL runner gets, so that both are
-timed the same way. --cprofile: rank 0 runs cProfile from the end of the first step to the end of training.
+Runs exactly what `accelerate launch ... Gemma/train_deepspeed.py <args>` runs (the module's main(), given the probe's
+callbacks); the probe adds the same callback and token counter the TRL runner gets, so that both are timed the same
+way. --cprofile: rank 0 runs cProfile from the end of the first step to the end of training.
 The copy of train_deepspeed.py measured is the repository's Gemma/ one unless SPEED_BENCH_GEMMA_DIR names another.
 """
 
 from __future__ import annotations
 
+import cProfile
 import os
 import sys
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -31,43 +34,30 @@ def take_option(argv: list[str], name: str) -> str | None:
     return value
 
 
-def install_profiler(path: Path) -> None:
+class ProfileSteps(TrainerCallback):
     """cProfile on rank 0 from the end of step 1 (warm-up) to the end of step N, before the last step's logging and the
     end-of-training save; dumped to `path` at the end of training."""
-    import cProfile
 
-    from transformers import Trainer, TrainerCallback
+    def __init__(self, path: Path):
+        self.path, self.profiler = path, cProfile.Profile()
 
-    if os.environ.get("RANK", "0") != "0":
-        return
-    profiler = cProfile.Profile()
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            self.profiler.disable()
+        elif state.global_step == 1:
+            self.profiler.enable()
 
-    class ProfileSteps(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == state.max_steps:
-                profiler.disable()
-            elif state.global_step == 1:
-                profiler.enable()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            profiler.disable()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            profiler.dump_stats(str(path))
-
-    original_train = Trainer.train
-
-    def train(self, *args, **kwargs):
-        self.add_callback(ProfileSteps())
-        return original_train(self, *args, **kwargs)
-
-    Trainer.train = train
+    def on_train_end(self, args, state, control, **kwargs):
+        self.profiler.disable()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.profiler.dump_stats(str(self.path))
 
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
     probe_dir = take_option(argv, "--probe_dir")
     profile = take_option(argv, "--cprofile")
-    step_probe.install(probe_dir)
-    if profile:
-        install_profiler(Path(profile))
-    sys.exit(train_deepspeed.main(argv))
+    callbacks = step_probe.probe_callbacks(probe_dir)
+    if profile and os.environ.get("RANK", "0") == "0":
+        callbacks.insert(0, ProfileSteps(Path(profile)))
+    sys.exit(train_deepspeed.main(argv, callbacks=callbacks))

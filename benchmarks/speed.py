@@ -172,30 +172,34 @@ def write_bench_config(work: Path, model_dir: Path, steps: int) -> Path:
 
 
 def snapshot_script(gemma_dir: Path, work: Path) -> tuple[Path, str]:
-    """Copy the measured train_deepspeed.py (and the ablation profiles it reads) into the work directory, so that every
-    launch of this benchmark runs the same code even if the file is edited meanwhile; returns the copy's Gemma/
-    directory and a description (path, sha256, git state) for the report."""
+    """Copy the measured train_deepspeed.py and its package Gemma/finetune/ (and the ablation profiles it reads) into
+    the work directory, so that every launch of this benchmark runs the same code even if the files are edited
+    meanwhile; returns the copy's Gemma/ directory and a description (path, sha256, git state) for the report."""
     import hashlib
 
     src = gemma_dir.resolve() / "train_deepspeed.py"
+    package = src.parent / "finetune"
     dest = work / "measured"
     (dest / "Gemma").mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dest / "Gemma" / "train_deepspeed.py")
+    shutil.copytree(package, dest / "Gemma" / "finetune", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(src.parent.parent / "ablation_configs", dest / "ablation_configs", dirs_exist_ok=True)
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [src, *sorted(package.glob("*.py"))])).hexdigest()[:12]
     where = str(src.relative_to(REPO)) if src.is_relative_to(REPO) else str(src)
     git = ""
     if src.is_relative_to(REPO):
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", str(src)], cwd=REPO).returncode != 0
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", str(src), str(package)],
+                               cwd=REPO).returncode != 0
         git = f", git {head.stdout.strip()}{' + uncommitted changes' if dirty else ''}"
     return dest / "Gemma", f"{where} (sha256 {digest}{git})"
 
 
 def measured_training_keys(gemma_dir: Path) -> set[str]:
     """The training.* keys the measured train_deepspeed.py accepts (to know whether plain batching can be asked for)."""
-    code = ("import dataclasses, sys; sys.path.insert(0, sys.argv[1]); import train_deepspeed as td; "
-            "print(' '.join(f.name for f in dataclasses.fields(td.TrainingConfig)))")
+    code = ("import dataclasses, sys; sys.path.insert(0, sys.argv[1]); from finetune.config import TrainingConfig; "
+            "print(' '.join(f.name for f in dataclasses.fields(TrainingConfig)))")
     out = subprocess.run([sys.executable, "-c", code, str(gemma_dir)], capture_output=True,
                          text=True, timeout=120)
     return set(out.stdout.split())
@@ -333,28 +337,31 @@ def run_one(runner: str, repeat: int, ctx: dict) -> RunResult:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def import_measured_script(gemma_dir: Path):
+def import_measured_package(gemma_dir: Path) -> None:
+    """Put the measured copy's Gemma/ first on sys.path, so that `finetune` is the measured package."""
     path = str(gemma_dir.resolve())
     if path not in sys.path:
         sys.path.insert(0, path)
-    import train_deepspeed
-
-    return train_deepspeed
 
 
 def time_data_preparation(config: Path, model_dir: Path, repeats: int, gemma_dir: Path) -> dict:
     """Seconds to load the tokenizer and to build the demo training split (read, check, fit history, tokenize,
     mask), and the examples' token lengths."""
-    td = import_measured_script(gemma_dir)
-    cfg, _, _ = td.load_settings(config, ABLATION, [f"model.model_name_or_path={model_dir}"])
+    import_measured_package(gemma_dir)
+    from finetune.data import build_split
+    from finetune.prompts import PromptEncoder
+    from finetune.settings import load_settings
+    from finetune.trainer import load_tokenizer
+
+    cfg, _ = load_settings(config, ABLATION, [f"model.model_name_or_path={model_dir}"])
     t0 = time.perf_counter()
-    tokenizer = td.load_tokenizer(str(model_dir))
+    tokenizer = load_tokenizer(str(model_dir))
     load_s = time.perf_counter() - t0
     seconds, split = [], None
     for _ in range(repeats):
-        encoder = td.PromptEncoder(tokenizer, cfg.training.max_length)
+        encoder = PromptEncoder(tokenizer, cfg.training.max_length)
         t0 = time.perf_counter()
-        split = td.build_split(DEMO_TRAIN, "train", cfg, encoder)
+        split = build_split(DEMO_TRAIN, "train", cfg, encoder)
         seconds.append(time.perf_counter() - t0)
     lengths = [len(e["input_ids"]) for e in split.examples]
     return {"tokenizer_load_s": load_s, "build_split_s": seconds, "examples": len(lengths), "lengths": lengths,
@@ -421,14 +428,15 @@ def profile_table(stats_file: Path, steps: int, measured_script: Path) -> str:
         if hits:
             calls, cum = sum(v[1] for v in hits), sum(v[3] for v in hits)
             lines.append(f"| {label} | {calls / steps:.1f} | {1000 * cum / steps:.1f} |")
-    ours = sorted(((v[3], v[2], v[1], n, line) for (f, line, n), v in st.items() if Path(f) == measured_script),
+    code = [measured_script, *measured_script.parent.glob("finetune/*.py")]
+    ours = sorted(((v[3], v[2], v[1], n, Path(f).name, line) for (f, line, n), v in st.items() if Path(f) in code),
                   reverse=True)
-    lines += ["", f"Functions of {measured_script.name}, per step. Cumulative time includes what they call: "
-              "training_step and checkpoint_on_cpu wrap the model's own work (the whole step; each decoder layer's "
-              "forward), so their own time is what they add.", "",
+    lines += ["", f"Functions of {measured_script.name} and its package finetune/, per step. Cumulative time includes "
+              "what they call: training_step and CpuOffloadedCheckpoint.__call__ wrap the model's own work (the whole "
+              "step; each decoder layer's forward), so their own time is what they add.", "",
               "| function | calls/step | ms/step cumulative | ms/step own |", "|---|---|---|---|"]
-    lines += [f"| {n} (line {line}) | {calls / steps:.1f} | {1000 * cum / steps:.2f} | {1000 * own / steps:.3f} |"
-              for cum, own, calls, n, line in ours[:15]]
+    lines += [f"| {n} ({file}:{line}) | {calls / steps:.1f} | {1000 * cum / steps:.2f} | {1000 * own / steps:.3f} |"
+              for cum, own, calls, n, file, line in ours[:15]]
     return "\n".join(lines)
 
 

@@ -1,10 +1,8 @@
 """The same per-step measurement for every Trainer-based runner of benchmarks/speed.py (ours and TRL's SFTTrainer).
 
-`install(probe_dir)` patches `transformers.Trainer` in this process, before the trainer is built:
-- `train()` adds a `StepTimer` callback (last in line, so a step's end includes every other callback's on_step_end,
-  e.g. our fault guard's all-reduce);
-- `training_step()` counts the tokens of each training micro-batch: real (attention mask, or every token when a
-  padding-free batch has no mask) and processed (every position the model runs, padding included).
+`probe_callbacks(probe_dir)` gives the runner's Trainer its measuring callback, a `StepTimer`, and counts the tokens of
+each training micro-batch (`count_micro_batch_tokens`): real (attention mask, or every token when a padding-free batch
+has no mask) and processed (every position the model runs, padding included).
 At the end of training each rank writes `probe_dir/probe_rank<R>.json` (see `StepTimer.on_train_end`).
 
 A step is timed from one `on_step_end` to the next, so it holds everything the user waits for in the loop: fetching
@@ -19,6 +17,8 @@ import os
 import resource
 import time
 from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
 
 PROBE_ENV = "SPEED_BENCH_PROBE_DIR"  # where a runner's ranks write their probe files
 
@@ -49,34 +49,31 @@ def write_probe(probe_dir: Path, rank: int, *, step_ends: list[float], step_begi
     return path
 
 
-def install(probe_dir: str | Path | None = None) -> None:
-    """Patch transformers.Trainer so that every training run in this process is measured (see module docstring)."""
-    from transformers import Trainer, TrainerCallback
+class StepTimer(TrainerCallback):
+    """Wall-clock time of every step's begin and end; at the end of training, this rank's probe file."""
 
-    probe_dir = Path(probe_dir or os.environ[PROBE_ENV])
-    rank = int(os.environ.get("RANK", "0"))
+    def __init__(self, probe_dir: Path, counts: dict[str, list[int]]):
+        self.probe_dir, self.counts = probe_dir, counts
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.begins: list[float] = []
+        self.ends: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.begins.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        write_probe(self.probe_dir, self.rank, step_ends=self.ends, step_begins=self.begins,
+                    real_tokens=self.counts["real"], processed_tokens=self.counts["processed"])
+
+
+def count_micro_batch_tokens() -> dict[str, list[int]]:
+    """Record the tokens of every training micro-batch of every Trainer in this process, through
+    Trainer.training_step: no callback sees a micro-batch's inputs, so this is the one patch the probe makes."""
     counts: dict[str, list[int]] = {"real": [], "processed": []}
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.begins: list[float] = []
-            self.ends: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.begins.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-
-        def on_train_end(self, args, state, control, **kwargs):
-            write_probe(probe_dir, rank, step_ends=self.ends, step_begins=self.begins,
-                        real_tokens=counts["real"], processed_tokens=counts["processed"])
-
-    original_train, original_step = Trainer.train, Trainer.training_step
-
-    def train(self, *args, **kwargs):
-        self.add_callback(StepTimer())
-        return original_train(self, *args, **kwargs)
+    original_step = Trainer.training_step
 
     def training_step(self, model, inputs, *args, **kwargs):
         real, processed = count_tokens(inputs)
@@ -84,4 +81,11 @@ def install(probe_dir: str | Path | None = None) -> None:
         counts["processed"].append(processed)
         return original_step(self, model, inputs, *args, **kwargs)
 
-    Trainer.train, Trainer.training_step = train, training_step
+    Trainer.training_step = training_step
+    return counts
+
+
+def probe_callbacks(probe_dir: str | Path | None = None) -> list[TrainerCallback]:
+    """The callbacks that measure a runner (see module docstring); pass them to the Trainer last in line, so that a
+    step's end includes every other callback's on_step_end (e.g. our fault guard's all-reduce)."""
+    return [StepTimer(Path(probe_dir or os.environ[PROBE_ENV]), count_micro_batch_tokens())]

@@ -10,15 +10,14 @@
 - Same batch size, accumulation, learning rate, schedule, clipping, max_length, bf16, seed; activation checkpointing
   on (use_reentrant=False). Not the same: our script also keeps checkpointed layer inputs in CPU memory
   (save_on_cpu) and computes the LM head only at labelled positions; TRL computes entropy and token accuracy each step.
-- CPU-only: the same work-arounds our script applies (train_deepspeed.prepare_cpu_only_environment: gloo process
-  group reused by accelerate, bf16 allowed on the CPU), and accelerator_config.use_configured_state.
+- CPU-only: the same work-arounds our script applies (finetune.runtime.Runtime.start: gloo process group reused by
+  accelerate, bf16 allowed on the CPU, TrainingArguments' accelerator_config.use_configured_state).
 Timing: benchmarks/step_probe.py (the same callback and token counts as the run of our script).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_data  # noqa: E402  (puts Gemma/ on sys.path)
 import step_probe  # noqa: E402
-import train_deepspeed as td  # noqa: E402
+from finetune.runtime import Runtime  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", type=Path, default=None, help="Trainer output dir (default: probe_dir/trl_out)")
     args = p.parse_args(argv)
 
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as our script does (start_distributed)
-    td.ensure_process_group_env()
-    cpu_only = td.prepare_cpu_only_environment()
+    dtype = bench_data.load_settings(args.config.resolve(), "profile_and_history", [])[0].model.dtype
+    runtime = Runtime.start(dtype)  # the process set-up our script does, CPU-only work-arounds included
     import datasets
     import torch
     from transformers import AutoModelForCausalLM
@@ -74,18 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=t.max_length,
         completion_only_loss=True,
-        dataloader_pin_memory=not cpu_only,
-        accelerator_config={"use_configured_state": True} if cpu_only else None,
         disable_tqdm=True,
+        **runtime.training_arguments(),
     )
     # SFTConfig (with the DeepSpeed config) before from_pretrained: zero.Init builds the model partitioned.
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype),
                                                  attn_implementation=cfg.model.attn_implementation)
     model.config.use_cache = False
-    step_probe.install(args.probe_dir)
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train, processing_class=tokenizer,
+                         callbacks=step_probe.probe_callbacks(args.probe_dir))
     trainer.train()
-    td.shutdown_distributed(cpu_only)
+    runtime.close()
     return 0
 
 

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-import train_deepspeed as td
 from conftest import make_records, run_script, write_config, write_jsonl
+from finetune.config import TrainingConfig
+from finetune.outputs import RESULTS_NAME, checkpoints_on_disk, count_parameters, planned_steps, storage_estimate
+from finetune.runtime import check_precision
 
 MODEL_LOADING_MARKERS = ("World size", "Loading weights", "Activation checkpointing:")
 
@@ -106,7 +108,7 @@ def setup_case(case: str, tmp: Path, model: Path) -> list[str]:
         (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     elif case == "finished_run":
         (tmp / "out").mkdir()
-        (tmp / "out" / td.RESULTS_NAME).write_text("{}")
+        (tmp / "out" / RESULTS_NAME).write_text("{}")
     elif case == "unwritable_output_dir":
         (tmp / "a_file").write_text("not a directory")
         return ["--config", str(write_config(tmp / "config.json", model_dir, data)),
@@ -171,13 +173,13 @@ def test_bad_input_is_reported_before_the_model_loads(case, tmp_path, tiny_model
     assert "Traceback" not in output
     for marker in MODEL_LOADING_MARKERS:
         assert marker not in output, marker
-    assert not (tmp_path / "out" / td.RESULTS_NAME).exists() or case == "finished_run"
+    assert not (tmp_path / "out" / RESULTS_NAME).exists() or case == "finished_run"
 
 
 def test_precision_check_names_the_fix():
-    assert td.check_precision("bfloat16", cuda=False, bf16_supported=False, device_name="cpu") == []
-    assert td.check_precision("bfloat16", cuda=True, bf16_supported=True, device_name="NVIDIA H100") == []
-    (problem,) = td.check_precision("bfloat16", cuda=True, bf16_supported=False, device_name="Tesla V100")
+    assert check_precision("bfloat16", cuda=False, bf16_supported=False, device_name="cpu") == []
+    assert check_precision("bfloat16", cuda=True, bf16_supported=True, device_name="NVIDIA H100") == []
+    (problem,) = check_precision("bfloat16", cuda=True, bf16_supported=False, device_name="Tesla V100")
     assert "Tesla V100 has no bf16 support" in problem and "model.dtype to float16" in problem
 
 
@@ -185,11 +187,20 @@ def test_storage_estimate_and_parameter_count(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    n = td.count_parameters(tiny_model)
+    n = count_parameters(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     # safetensors keeps one copy of the tied embedding, as the model does
     assert n == sum(p.numel() for p in model.parameters())
-    cfg = td.Config(model=td.ModelConfig("x"), data=td.DataConfig("t.jsonl"),
-                    training=td.TrainingConfig(save_total_limit=2))
-    assert td.storage_estimate(n, cfg) == n * (16 * 3 + 2)
-    assert td.count_parameters(tiny_model / "nowhere") is None
+    limited = TrainingConfig(save_total_limit=2, save_steps=100)
+    assert storage_estimate(n, checkpoints_on_disk(limited, steps=1000)) == n * (16 * 3 + 2)
+    assert count_parameters(tiny_model / "nowhere") is None
+
+
+def test_storage_estimate_counts_every_checkpoint_when_the_limit_is_null():
+    unlimited = TrainingConfig(save_total_limit=None, save_steps=10)
+    assert checkpoints_on_disk(unlimited, steps=95) == 10  # steps 10, 20, ..., 90 and the last step
+    assert checkpoints_on_disk(TrainingConfig(save_total_limit=2, save_steps=10), steps=95) == 3  # 2 + 1 being written
+    assert checkpoints_on_disk(TrainingConfig(save_total_limit=5, save_steps=10), steps=20) == 2  # only 2 written
+    by_epochs = TrainingConfig(save_total_limit=None, save_steps=10, batch_size=4, num_train_epochs=2)
+    assert planned_steps(by_epochs, train_examples=400, processes=2) == 100  # 50 steps per epoch
+    assert planned_steps(TrainingConfig(max_steps=7), train_examples=400, processes=2) == 7

@@ -19,6 +19,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "Gemma"))
 
 import compare_ablations as ca  # noqa: E402
+from finetune.bootstrap import paired_bootstrap  # noqa: E402
+from finetune.comparison import (  # noqa: E402
+    Estimate,
+    check_comparable,
+    choose_reference,
+    comparison_table,
+    config_differences,
+    load_run,
+    load_runs,
+)
+from finetune.errors import UserError  # noqa: E402
+from finetune.metrics import MEAN, ROOT_MEAN_SQUARE  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GENRES = ["comedy", "drama", "horror", "romance", "scifi"]
@@ -30,11 +42,11 @@ GENRES = ["comedy", "drama", "horror", "romance", "scifi"]
 
 
 def sha(ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()  # as train_deepspeed.build_split hashes the ids
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()  # as finetune.data.build_split hashes the ids
 
 
 def resolved_config(output_dir: Path, ablation: str, include_profile: bool, include_history: bool) -> dict:
-    """resolved_config.json of a demo run, as train_deepspeed.run writes it."""
+    """resolved_config.json of a demo run, as train_deepspeed.py writes it."""
     return {
         "model": {"model_name_or_path": "Gemma/models/gemma-3-270m", "attn_implementation": "eager",
                   "dtype": "bfloat16"},
@@ -162,15 +174,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_bootstrap_of_identical_runs_is_exactly_zero():
     values = np.random.default_rng(0).uniform(0, 3, size=500)
     tokens = np.random.default_rng(1).integers(1, 6, size=500).astype(float)
-    for metric, weights in ((ca.MEAN, None), (ca.MEAN, tokens), (ca.ROOT_MEAN_SQUARE, None)):
-        assert ca.paired_bootstrap(values, values.copy(), metric, weights=weights) == (0.0, 0.0, 0.0)
+    for metric, weights in ((MEAN, None), (MEAN, tokens), (ROOT_MEAN_SQUARE, None)):
+        assert paired_bootstrap(values, values.copy(), metric, weights=weights) == (0.0, 0.0, 0.0)
 
 
 def test_a_run_better_on_every_example_has_an_interval_excluding_zero():
     rng = np.random.default_rng(2)
     reference = rng.uniform(0.5, 2.0, size=300)  # e.g. absolute errors
     better = reference - rng.uniform(0.01, 0.2, size=300)  # lower on every single example
-    diff, lo, hi = ca.paired_bootstrap(better, reference, n_resamples=1000, seed=0)
+    diff, lo, hi = paired_bootstrap(better, reference, n_resamples=1000, seed=0)
     assert lo <= diff <= hi < 0
     assert diff == pytest.approx(better.mean() - reference.mean())
 
@@ -181,41 +193,41 @@ def test_the_interval_covers_a_known_difference_of_means_and_has_the_textbook_wi
     b = rng.normal(size=n)
     noise = rng.normal(size=n)
     a = b + shift + noise - noise.mean()  # the observed mean difference is exactly `shift`
-    diff, lo, hi = ca.paired_bootstrap(a, b, n_resamples=2000, confidence=0.95, seed=0)
+    diff, lo, hi = paired_bootstrap(a, b, n_resamples=2000, confidence=0.95, seed=0)
     assert diff == pytest.approx(shift)
     assert lo < shift < hi
     # percentile interval of a mean of paired differences: about +-1.96 standard errors
     half_width = 1.96 * np.std(a - b) / np.sqrt(n)
     assert (hi - lo) / 2 == pytest.approx(half_width, rel=0.1)
-    narrower = ca.paired_bootstrap(a, b, n_resamples=2000, confidence=0.5, seed=0)
+    narrower = paired_bootstrap(a, b, n_resamples=2000, confidence=0.5, seed=0)
     assert lo < narrower.lo < narrower.hi < hi
 
 
 def test_the_same_seed_gives_the_same_numbers_and_another_seed_others():
     rng = np.random.default_rng(4)
     a, b, w = rng.normal(size=400), rng.normal(size=400), rng.integers(1, 4, size=400).astype(float)
-    first = ca.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=7)
-    assert ca.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=7) == first
-    other = ca.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=8)
+    first = paired_bootstrap(a, b, weights=w, n_resamples=500, seed=7)
+    assert paired_bootstrap(a, b, weights=w, n_resamples=500, seed=7) == first
+    other = paired_bootstrap(a, b, weights=w, n_resamples=500, seed=8)
     assert other.diff == first.diff and (other.lo, other.hi) != (first.lo, first.hi)
 
 
 def test_token_weighted_metric_and_root_mean_square():
     losses, tokens = np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 0.5])
-    assert ca.MEAN(losses, tokens) == pytest.approx((1 + 6 + 2) / 4.5)
-    assert ca.MEAN(losses) == pytest.approx(7 / 3)
-    assert ca.ROOT_MEAN_SQUARE(np.array([3.0, 4.0])) == pytest.approx(np.sqrt(12.5))
+    assert MEAN(losses, tokens) == pytest.approx((1 + 6 + 2) / 4.5)
+    assert MEAN(losses) == pytest.approx(7 / 3)
+    assert ROOT_MEAN_SQUARE(np.array([3.0, 4.0])) == pytest.approx(np.sqrt(12.5))
     # weights may differ per run (another tokenizer): each run's own weighted mean
-    diff, _, _ = ca.paired_bootstrap(losses, losses, weights=(tokens, np.ones(3)), n_resamples=10)
+    diff, _, _ = paired_bootstrap(losses, losses, weights=(tokens, np.ones(3)), n_resamples=10)
     assert diff == pytest.approx((1 + 6 + 2) / 4.5 - 7 / 3)
 
 
 def test_bootstrap_is_fast_enough_for_a_few_thousand_examples():
     rng = np.random.default_rng(5)
     a, b, w = rng.uniform(size=5000), rng.uniform(size=5000), rng.integers(1, 9, size=5000).astype(float)
-    ca.paired_bootstrap(a[:50], b[:50], n_resamples=10)  # warm-up: first-call costs are not the algorithm
+    paired_bootstrap(a[:50], b[:50], n_resamples=10)  # warm-up: first-call costs are not the algorithm
     start = time.perf_counter()
-    ca.paired_bootstrap(a, b, weights=w, n_resamples=2000, seed=0)
+    paired_bootstrap(a, b, weights=w, n_resamples=2000, seed=0)
     # typically ~0.1 s on 2 CPU cores; the bound leaves room for a loaded CI machine
     assert time.perf_counter() - start < 1.5
 
@@ -235,10 +247,10 @@ def test_test_loss_is_token_weighted_and_differences_are_run_minus_reference(tmp
                                                                         [True, True, False, True]))
     query = make_run(tmp_path, "query", "query_only", predictions([0.9, 0.5, 2.0, 0.3], [False, True, False, True]),
                      eval_losses=(2.0, 1.7))
-    runs = ca.load_runs([query, full])
-    reference = ca.choose_reference(runs, None)
+    runs = load_runs([query, full])
+    reference = choose_reference(runs, None)
     assert reference.name == "full"  # the profile_and_history run, although listed second
-    rows = {r.run: r for r in ca.comparison_table(runs, reference, n_resamples=200)}
+    rows = {r.run: r for r in comparison_table(runs, reference, n_resamples=200)}
     assert rows["full"].test_loss.value == pytest.approx((0.2 * 1 + 0.4 * 3 + 1.0 * 2 + 0.1 * 2) / 8)
     assert rows["query"].test_loss.value == pytest.approx((0.9 * 1 + 0.5 * 3 + 2.0 * 2 + 0.3 * 2) / 8)
     assert rows["query"].test_loss.diff == pytest.approx(rows["query"].test_loss.value - rows["full"].test_loss.value)
@@ -250,8 +262,8 @@ def test_test_loss_is_token_weighted_and_differences_are_run_minus_reference(tmp
 
 
 def test_table_of_three_ablations(genre_runs):
-    runs = ca.load_runs(genre_runs)
-    rows = ca.comparison_table(runs, ca.choose_reference(runs, None), n_resamples=1000)
+    runs = load_runs(genre_runs)
+    rows = comparison_table(runs, choose_reference(runs, None), n_resamples=1000)
     assert [r.run for r in rows] == ["full", "profile", "query"]
     assert [r.exact_match.value for r in rows] == [0.75, 0.6, 0.25]
     query = rows[2].exact_match
@@ -267,12 +279,12 @@ def test_table_of_three_ablations(genre_runs):
 
 
 def test_reference_by_name_directory_or_ablation(genre_runs):
-    runs = ca.load_runs(genre_runs)
-    assert ca.choose_reference(runs, "query").name == "query"
-    assert ca.choose_reference(runs, "profile_only").name == "profile"
-    assert ca.choose_reference(runs, str(genre_runs[1])).name == "profile"
-    with pytest.raises(ca.UserError, match=r"not one of the runs.*full, profile, query"):
-        ca.choose_reference(runs, "history_only")
+    runs = load_runs(genre_runs)
+    assert choose_reference(runs, "query").name == "query"
+    assert choose_reference(runs, "profile_only").name == "profile"
+    assert choose_reference(runs, str(genre_runs[1])).name == "profile"
+    with pytest.raises(UserError, match=r"not one of the runs.*full, profile, query"):
+        choose_reference(runs, "history_only")
 
 
 def test_numeric_targets_with_unparsable_predictions(tmp_path):
@@ -281,8 +293,8 @@ def test_numeric_targets_with_unparsable_predictions(tmp_path):
                     rating_predictions(targets, ["4", "3", "4", "3", "1", "five"]), numeric=True)
     query = make_run(tmp_path, "query", "query_only",
                      rating_predictions(targets, ["3", "I'd say 3", "3", "3", "3", "3"]), numeric=True)
-    runs = ca.load_runs([full, query])
-    rows = {r.run: r for r in ca.comparison_table(runs, runs[0], n_resamples=300)}
+    runs = load_runs([full, query])
+    rows = {r.run: r for r in comparison_table(runs, runs[0], n_resamples=300)}
     ref, other = rows["full"], rows["query"]
     assert (ref.unparsable, other.unparsable) == (1, 1)
     # MAE and RMSE of each run over its own parsed predictions
@@ -302,30 +314,30 @@ def test_numeric_targets_with_unparsable_predictions(tmp_path):
 def test_a_run_without_a_test_file_is_compared_on_eval_loss(tmp_path):
     a = make_run(tmp_path, "a", "profile_and_history", None, eval_losses=(1.8, 1.2))
     b = make_run(tmp_path, "b", "history_only", None, eval_losses=(1.9, 1.5))
-    runs = ca.load_runs([a, b])
+    runs = load_runs([a, b])
     assert runs[0].predictions is None and runs[0].eval_curve == [(20, 1.8), (40, 1.2)]
-    assert ca.check_comparable(runs) == []
-    rows = ca.comparison_table(runs, runs[0])
+    assert check_comparable(runs) == []
+    rows = comparison_table(runs, runs[0])
     assert rows[1].eval_loss.diff == pytest.approx(0.3)
-    assert rows[1].test_loss == ca.Estimate() and rows[1].exact_match == ca.Estimate() and rows[1].examples is None
+    assert rows[1].test_loss == Estimate() and rows[1].exact_match == Estimate() and rows[1].examples is None
 
 
 def test_broken_run_directories_are_clear_errors(tmp_path, genre_runs):
-    with pytest.raises(ca.UserError, match="nowhere: no such run directory"):
-        ca.load_run(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="nowhere: no such run directory"):
+        load_run(tmp_path / "nowhere")
     (genre_runs[0] / "predictions.jsonl").unlink()
-    with pytest.raises(ca.UserError, match=r"full: results.json reports a test evaluation but predictions.jsonl is"):
-        ca.load_run(genre_runs[0])
+    with pytest.raises(UserError, match=r"full: results.json reports a test evaluation but predictions.jsonl is"):
+        load_run(genre_runs[0])
     (genre_runs[1] / "resolved_config.json").unlink()
-    with pytest.raises(ca.UserError, match=r"profile: no resolved_config.json"):
-        ca.load_run(genre_runs[1])
+    with pytest.raises(UserError, match=r"profile: no resolved_config.json"):
+        load_run(genre_runs[1])
     lines = (genre_runs[2] / "predictions.jsonl").read_text().splitlines()
     (genre_runs[2] / "predictions.jsonl").write_text("\n".join(lines[:-1]) + "\n")
-    with pytest.raises(ca.UserError, match=r"59 predictions, but results.json says test.generated=60"):
-        ca.load_run(genre_runs[2])
+    with pytest.raises(UserError, match=r"59 predictions, but results.json says test.generated=60"):
+        load_run(genre_runs[2])
     (genre_runs[2] / "predictions.jsonl").write_text("\n".join([*lines[:-1], lines[-1][:30]]))
-    with pytest.raises(ca.UserError, match=r"predictions.jsonl: line 60: invalid JSON"):
-        ca.load_run(genre_runs[2])
+    with pytest.raises(UserError, match=r"predictions.jsonl: line 60: invalid JSON"):
+        load_run(genre_runs[2])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -335,31 +347,31 @@ def test_broken_run_directories_are_clear_errors(tmp_path, genre_runs):
 
 def test_runs_that_differ_only_in_the_ablation_are_comparable(genre_runs):
     # output_dir, ablation_config, prompt, ablation and deepspeed_config_file all differ between these runs
-    runs = ca.load_runs(genre_runs)
-    assert ca.check_comparable(runs) == []
+    runs = load_runs(genre_runs)
+    assert check_comparable(runs) == []
 
 
 def test_different_example_sets_are_refused_unless_allowed(tmp_path):
     predictions = genre_predictions(40, set(range(30)))
     full = make_run(tmp_path, "full", "profile_and_history", predictions)
     other = make_run(tmp_path, "other", "profile_only", predictions, test_ids_sha="0" * 64)
-    runs = ca.load_runs([full, other])
-    problems = ca.check_comparable(runs)
+    runs = load_runs([full, other])
+    problems = check_comparable(runs)
     assert problems == [f"examples.test.ids_sha256 differs: full={sha([p['id'] for p in predictions])[:12]}, "
                         "other=000000000000  (override: --allow_different_examples)"]
-    assert ca.check_comparable(runs, allow_different_examples=True) == []
+    assert check_comparable(runs, allow_different_examples=True) == []
 
 
 def test_different_prediction_ids_are_refused_and_compared_on_the_common_ids_when_allowed(tmp_path):
     full = make_run(tmp_path, "full", "profile_and_history", genre_predictions(40, set(range(30))))
     short = make_run(tmp_path, "short", "profile_only", genre_predictions(40, set(range(10)))[:36])
-    runs = ca.load_runs([full, short])
-    problems = ca.check_comparable(runs)
+    runs = load_runs([full, short])
+    problems = check_comparable(runs)
     assert len(problems) == 2 and problems[0].startswith("examples.test.ids_sha256 differs")
     assert problems[1].startswith("predictions.jsonl ids differ: short has 0 ids full lacks (-) and lacks 4 of its "
                                   "ids (t000036, t000037, t000038)")
-    assert ca.check_comparable(runs, allow_different_examples=True) == []
-    rows = ca.comparison_table(runs, runs[0], n_resamples=100)
+    assert check_comparable(runs, allow_different_examples=True) == []
+    rows = comparison_table(runs, runs[0], n_resamples=100)
     assert [r.examples for r in rows] == [36, 36]
     assert rows[0].exact_match.value == pytest.approx(30 / 36)
 
@@ -369,14 +381,14 @@ def test_config_differences_are_refused_with_both_values_unless_allowed(tmp_path
     full = make_run(tmp_path, "full", "profile_and_history", predictions)
     other = make_run(tmp_path, "other", "profile_only", predictions,
                      config_changes={"training.learning_rate": 0.0001, "cli.overrides": ["prompt.max_history_items=3"]})
-    runs = ca.load_runs([full, other])
-    assert ca.check_comparable(runs) == [
+    runs = load_runs([full, other])
+    assert check_comparable(runs) == [
         "training.learning_rate differs: full=0.0002, other=0.0001  (override: --allow_config_differences)"]
-    assert ca.check_comparable(runs, allow_config_differences=True) == []
+    assert check_comparable(runs, allow_config_differences=True) == []
     # a key only one run has is a difference too
     missing = copy.deepcopy(runs[1].config)
     del missing["training"]["seed"]
-    assert ca.config_differences([runs[0], dataclasses.replace(runs[1], config=missing)])[1] == \
+    assert config_differences([runs[0], dataclasses.replace(runs[1], config=missing)])[1] == \
         "training.seed differs: full=42, other=absent"
 
 
@@ -384,9 +396,9 @@ def test_duplicate_directory_names_are_told_apart(tmp_path):
     predictions = genre_predictions(10, {1, 2})
     a = make_run(tmp_path / "week1", "run", "profile_and_history", predictions)
     b = make_run(tmp_path / "week2", "run", "query_only", predictions)
-    assert [r.name for r in ca.load_runs([a, b])] == ["week1/run", "week2/run"]
-    with pytest.raises(ca.UserError, match="given twice"):
-        ca.load_runs([a, tmp_path / "week1" / ".." / "week1" / "run"])
+    assert [r.name for r in load_runs([a, b])] == ["week1/run", "week2/run"]
+    with pytest.raises(UserError, match="given twice"):
+        load_runs([a, tmp_path / "week1" / ".." / "week1" / "run"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -395,8 +407,8 @@ def test_duplicate_directory_names_are_told_apart(tmp_path):
 
 
 def test_csv_has_one_row_per_run_and_value_diff_lo_hi_columns(genre_runs, tmp_path):
-    runs = ca.load_runs(genre_runs)
-    rows = ca.comparison_table(runs, runs[0], n_resamples=200)
+    runs = load_runs(genre_runs)
+    rows = comparison_table(runs, runs[0], n_resamples=200)
     path = tmp_path / "out" / "comparison.csv"
     ca.write_csv(rows, path, 0.95)
     with path.open(newline="") as f:
@@ -417,8 +429,8 @@ def test_csv_has_one_row_per_run_and_value_diff_lo_hi_columns(genre_runs, tmp_pa
 def test_figure_is_a_valid_png(genre_runs, tmp_path):
     import matplotlib.image
 
-    runs = ca.load_runs(genre_runs)
-    rows = ca.comparison_table(runs, runs[0], n_resamples=200)
+    runs = load_runs(genre_runs)
+    rows = comparison_table(runs, runs[0], n_resamples=200)
     path = tmp_path / "figure.png"
     ca.plot(runs, rows, path, 0.95)
     assert path.read_bytes()[:8] == PNG_SIGNATURE

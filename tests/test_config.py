@@ -7,13 +7,18 @@ import time
 from pathlib import Path
 
 import pytest
-import train_deepspeed as td
 from conftest import REPO, make_records, run_script, write_config, write_jsonl
+from finetune.config import Config
+from finetune.errors import UserError
+from finetune.outputs import (DS_CONFIG_DIRNAME, FINAL_DIRNAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME,
+                              check_output_dir, clear_output_dir)
+from finetune.settings import (ABLATION_DIR, build_dataclass, load_ablation, load_settings, resolve_ablation,
+                               resolve_path)
 
 
 def problems_of(config: Path, ablation: str = "profile_and_history", overrides: list[str] = ()) -> list[str]:
-    with pytest.raises(td.UserError) as err:
-        td.load_settings(config, ablation, list(overrides))
+    with pytest.raises(UserError) as err:
+        load_settings(config, ablation, list(overrides))
     return err.value.problems
 
 
@@ -21,15 +26,15 @@ def test_shipped_config_and_every_ablation_profile_validate(monkeypatch):
     # The shipped config names the demo model; its presence is the set-up's job, not the schema's.
     raw = json.loads((REPO / "config.json").read_text())
     problems: list[str] = []
-    cfg = td.build_dataclass(td.Config, raw, "config.json:", problems)
-    assert problems == [] and isinstance(cfg, td.Config)
-    names = sorted(p.stem for p in td.ABLATION_DIR.glob("*.json"))
+    cfg = build_dataclass(Config, raw, "config.json:", problems)
+    assert problems == [] and isinstance(cfg, Config)
+    names = sorted(p.stem for p in ABLATION_DIR.glob("*.json"))
     assert names == ["history_only", "profile_and_history", "profile_only", "query_only"]
     for name in names:
-        profile, overrides = td.load_ablation(td.ABLATION_DIR / f"{name}.json", problems)
+        profile = load_ablation(ABLATION_DIR / f"{name}.json", problems)
         assert problems == [], problems
         assert profile.description.strip()
-        assert set(overrides) == {"include_profile", "include_history", "max_history_items"}
+        assert set(profile.prompt) == {"include_profile", "include_history", "max_history_items"}
 
 
 def test_ablation_profiles_set_the_sections(tiny_model, data_dir, tmp_path):
@@ -37,8 +42,8 @@ def test_ablation_profiles_set_the_sections(tiny_model, data_dir, tmp_path):
     expected = {"profile_and_history": (True, True), "profile_only": (True, False),
                 "history_only": (False, True), "query_only": (False, False)}
     for name, (profile, history) in expected.items():
-        cfg, resolved_name, ablation = td.load_settings(config, name, [])
-        assert resolved_name == name
+        cfg, ablation = load_settings(config, name, [])
+        assert ablation.name == name
         assert (cfg.prompt.include_profile, cfg.prompt.include_history) == (profile, history)
 
 
@@ -47,8 +52,8 @@ def test_precedence_defaults_config_ablation_cli(tiny_model, data_dir, tmp_path)
                           prompt={"include_profile": False, "max_history_items": 3})
     ablation = tmp_path / "mine.json"
     ablation.write_text(json.dumps({"description": "x", "include_profile": True, "max_history_items": 2}))
-    cfg, name, _ = td.load_settings(config, str(ablation), ["prompt.max_history_items=1", "training.seed=7"])
-    assert name == "mine"
+    cfg, profile = load_settings(config, str(ablation), ["prompt.max_history_items=1", "training.seed=7"])
+    assert profile.name == "mine"
     assert cfg.prompt.include_profile is True  # ablation beats config.json
     assert cfg.prompt.max_history_items == 1  # --set beats the ablation
     assert cfg.prompt.include_history is True  # default, untouched by anyone
@@ -96,7 +101,7 @@ def test_missing_required_keys_and_bad_model_dir(tmp_path, data_dir):
 def test_eval_interval_needs_a_validation_file(tiny_model, data_dir, tmp_path):
     config = write_config(tmp_path / "config.json", tiny_model, data_dir, data={"validation_file": None})
     assert any("training.eval_steps: is 6 but data.validation_file is null" in p for p in problems_of(config))
-    cfg, _, _ = td.load_settings(config, "query_only", ["training.eval_steps=null"])
+    cfg, _ = load_settings(config, "query_only", ["training.eval_steps=null"])
     assert cfg.training.eval_steps is None
 
 
@@ -106,22 +111,22 @@ def test_relative_paths_resolve_against_the_config_directory(tiny_model, tmp_pat
     config.write_text(json.dumps({"model": {"model_name_or_path": str(tiny_model)},
                                   "data": {"train_file": "d/train.jsonl"}, "training": {"eval_steps": None}}))
     monkeypatch.chdir(REPO)  # somewhere else
-    cfg, _, _ = td.load_settings(config, "query_only", [])
-    assert td.resolve_path(cfg.data.train_file, config.parent) == tmp_path / "d" / "train.jsonl"
+    cfg, _ = load_settings(config, "query_only", [])
+    assert resolve_path(cfg.data.train_file, config.parent) == tmp_path / "d" / "train.jsonl"
 
 
 def test_invalid_json_names_line_and_column(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text('{\n  "model": {\n    "dtype": bfloat16\n  }\n}\n')
-    with pytest.raises(td.UserError, match=r"config.json: invalid JSON at line 3, column 14"):
-        td.load_settings(bad, "query_only", [])
-    with pytest.raises(td.UserError, match="config file not found"):
-        td.load_settings(tmp_path / "nope.json", "query_only", [])
+    with pytest.raises(UserError, match=r"config.json: invalid JSON at line 3, column 14"):
+        load_settings(bad, "query_only", [])
+    with pytest.raises(UserError, match="config file not found"):
+        load_settings(tmp_path / "nope.json", "query_only", [])
 
 
 def test_unknown_ablation_lists_the_available_ones():
-    with pytest.raises(td.UserError) as err:
-        td.resolve_ablation("profile_and_histry")
+    with pytest.raises(UserError) as err:
+        resolve_ablation("profile_and_histry")
     message = str(err.value)
     for name in ("history_only", "profile_and_history", "profile_only", "query_only"):
         assert name in message
@@ -165,14 +170,64 @@ def test_config_errors_exit_cleanly_without_traceback(tiny_model, data_dir, tmp_
 def test_finished_run_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / td.RESULTS_NAME).write_text("{}")
-    with pytest.raises(td.UserError, match="holds a finished run"):
-        td.check_output_dir(out, None, overwrite=False)
-    with pytest.raises(td.UserError, match="holds a finished run"):
-        td.check_output_dir(out, "auto", overwrite=False)
-    td.check_output_dir(out, None, overwrite=True)
-    (out / td.RESULTS_NAME).unlink()
+    (out / RESULTS_NAME).write_text("{}")
+    with pytest.raises(UserError, match="holds a finished run"):
+        check_output_dir(out, None, overwrite=False)
+    with pytest.raises(UserError, match="holds a finished run"):
+        check_output_dir(out, "auto", overwrite=False)
+    check_output_dir(out, None, overwrite=True)
+    (out / RESULTS_NAME).unlink()
     (out / "checkpoint-6").mkdir()
-    with pytest.raises(td.UserError, match="--resume_from_checkpoint auto"):
-        td.check_output_dir(out, None, overwrite=False)
-    td.check_output_dir(out, "auto", overwrite=False)
+    with pytest.raises(UserError, match="--resume_from_checkpoint auto"):
+        check_output_dir(out, None, overwrite=False)
+    check_output_dir(out, "auto", overwrite=False)
+
+
+def test_a_bad_ablation_key_is_reported_once_against_the_ablation_file(tiny_model, data_dir, tmp_path):
+    """The profile's keys are PromptConfig's, checked with its types; a bad one is not merged into config.json's
+    prompt section, so it is not reported a second time as a config.json problem."""
+    config = write_config(tmp_path / "config.json", tiny_model, data_dir)
+    ablation = tmp_path / "bad.json"
+    ablation.write_text(json.dumps({"description": "x", "include_history": "yes", "max_history_items": -1}))
+    problems = problems_of(config, str(ablation))
+    history = [p for p in problems if "include_history" in p]
+    assert history == [f"{ablation}: include_history: expected true or false, got \"yes\"."]
+    cleaned = tmp_path / "range.json"
+    cleaned.write_text(json.dumps({"description": "x", "max_history_items": -1}))
+    assert problems_of(config, str(cleaned)) == [f"{cleaned}: max_history_items: must be >= 0, or null for all."]
+
+
+def test_help_and_config_errors_import_nothing_heavy(tiny_model, data_dir, tmp_path):
+    """--help and a config error come back before torch, transformers, datasets or deepspeed are imported."""
+    import subprocess
+    import sys
+
+    from conftest import script_env
+
+    bad = write_config(tmp_path / "config.json", tiny_model, data_dir, training={"batch_size": 0})
+    code = ("import sys; sys.path.insert(0, 'Gemma'); import train_deepspeed\n"
+            "for argv in (['--help'], ['--config', sys.argv[1], '--output_dir', sys.argv[2]]):\n"
+            "    try:\n"
+            "        code = train_deepspeed.main(argv)\n"
+            "    except SystemExit as e:\n"
+            "        code = e.code\n"
+            "    heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'deepspeed', 'accelerate') "
+            "if m in sys.modules)\n"
+            "    print('RESULT', code, heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(bad), str(tmp_path / "out")], cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=120)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert results == ["RESULT 0 []", "RESULT 2 []"], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "training.batch_size: must be at least 1" in proc.stderr
+
+
+def test_overwrite_clears_every_output_of_the_previous_run_and_nothing_else(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint-6").mkdir(parents=True)
+    (out / FINAL_DIRNAME).mkdir()
+    (out / DS_CONFIG_DIRNAME).mkdir()
+    for name in (RESULTS_NAME, RESOLVED_CONFIG_NAME, PREDICTIONS_NAME, "my_notes.txt"):
+        (out / name).write_text("{}")
+    clear_output_dir(out)
+    # predictions.jsonl of the old run must not be read as the new run's
+    assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt"]

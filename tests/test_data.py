@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import train_deepspeed as td
 from conftest import make_records, write_jsonl
+from finetune.config import Config, DataConfig, FieldNames, ModelConfig, PromptConfig
+from finetune.data import build_split, check_record, read_records
+from finetune.errors import UserError
+from finetune.prompts import IGNORE_INDEX, PromptEncoder, render_user_message
+from finetune.settings import ABLATION_DIR, load_ablation
 
-FULL = td.PromptConfig()
+FULL = PromptConfig()
 RECORD = {
     "id": "u1",
     "profile": {"age": 34, "occupation": "horror critic"},
@@ -19,9 +23,8 @@ RECORD = {
 }
 
 
-def prompt_for(name: str) -> td.PromptConfig:
-    _, overrides = td.load_ablation(td.ABLATION_DIR / f"{name}.json", [])
-    return td.PromptConfig(**overrides)
+def prompt_for(name: str) -> PromptConfig:
+    return PromptConfig(**load_ablation(ABLATION_DIR / f"{name}.json", []).prompt)
 
 
 def test_user_message_holds_exactly_the_sections_of_each_ablation():
@@ -29,13 +32,13 @@ def test_user_message_holds_exactly_the_sections_of_each_ablation():
                 "history_only": (False, True), "query_only": (False, False)}
     for name, (has_profile, has_history) in expected.items():
         p = prompt_for(name)
-        text = td.render_user_message(RECORD, p.include_profile, p.include_history, 3)
+        text = render_user_message(RECORD, p, 3)
         assert ("User profile:" in text) == has_profile, name
         assert ("occupation: horror critic" in text) == has_profile, name
         assert ("Interaction history" in text) == has_history, name
         assert ("third film" in text) == has_history, name
         assert text.endswith("Query: Which genre next?"), name
-    full = td.render_user_message(RECORD, True, True, 3)
+    full = render_user_message(RECORD, FULL, 3)
     # Order: profile, then history oldest first (most recent last), then the query.
     assert full.index("User profile") < full.index("first film") < full.index("second film") \
         < full.index("third film") < full.index("Query:")
@@ -47,15 +50,17 @@ def test_user_message_holds_exactly_the_sections_of_each_ablation():
 
 
 def test_history_selection_keeps_the_most_recent_items():
-    text = td.render_user_message(RECORD, False, True, 1)
+    history_only = PromptConfig(include_profile=False)
+    text = render_user_message(RECORD, history_only, 1)
     assert "third film" in text and "first film" not in text and "second film" not in text
-    assert "(none)" in td.render_user_message(RECORD, False, True, 0)
+    assert "(none)" in render_user_message(RECORD, history_only, 0)
     string_profile = dict(RECORD, profile="Loves scary films.")
-    assert "User profile:\nLoves scary films." in td.render_user_message(string_profile, True, False, 0)
+    profile_only = PromptConfig(include_history=False)
+    assert "User profile:\nLoves scary films." in render_user_message(string_profile, profile_only, 0)
 
 
 def test_labels_cover_only_the_target_and_end_of_turn(tiny_tokenizer):
-    enc = td.PromptEncoder(tiny_tokenizer, max_length=512)
+    enc = PromptEncoder(tiny_tokenizer, max_length=512)
     ex = enc.encode(RECORD, FULL, history_items=3)
     ids, labels = ex["input_ids"], ex["labels"]
     assert len(ids) == len(labels) == len(ex["attention_mask"])
@@ -65,7 +70,7 @@ def test_labels_cover_only_the_target_and_end_of_turn(tiny_tokenizer):
     # Token by token: everything before the target is -100, the target and its <end_of_turn> are their own ids.
     for i, (tok, lab) in enumerate(zip(ids, labels)):
         if i < len(ids) - n_supervised:
-            assert lab == td.IGNORE_INDEX, (i, tiny_tokenizer.decode([tok]))
+            assert lab == IGNORE_INDEX, (i, tiny_tokenizer.decode([tok]))
         else:
             assert lab == tok
     assert ids[-1] == eot and ids[-n_supervised:-1] == target_ids
@@ -80,16 +85,16 @@ def test_chat_template_and_gemma_fallback_give_the_same_tokens(tiny_tokenizer, t
 
     chat_tok = AutoTokenizer.from_pretrained(tiny_model_chat)
     assert chat_tok.chat_template and not tiny_tokenizer.chat_template
-    with_template = td.PromptEncoder(chat_tok, 512).encode(RECORD, FULL, 3)
-    fallback = td.PromptEncoder(tiny_tokenizer, 512).encode(RECORD, FULL, 3)
+    with_template = PromptEncoder(chat_tok, 512).encode(RECORD, FULL, 3)
+    fallback = PromptEncoder(tiny_tokenizer, 512).encode(RECORD, FULL, 3)
     assert with_template == fallback
     assert with_template["input_ids"].count(chat_tok.bos_token_id) == 1
 
 
 def test_long_examples_lose_their_oldest_history_first_and_never_the_target(tiny_tokenizer):
     rec = dict(RECORD, history=[f"item number {i} " + "words " * 8 for i in range(12)])
-    full_len = len(td.PromptEncoder(tiny_tokenizer, 10_000).encode(rec, FULL, 12)["input_ids"])
-    enc = td.PromptEncoder(tiny_tokenizer, max_length=full_len - 30)
+    full_len = len(PromptEncoder(tiny_tokenizer, 10_000).encode(rec, FULL, 12)["input_ids"])
+    enc = PromptEncoder(tiny_tokenizer, max_length=full_len - 30)
     kept = enc.fitting_history(rec, len(enc.target_ids(rec["target"])))
     assert 0 < kept < 12
     ex = enc.encode(rec, FULL, kept)
@@ -105,11 +110,11 @@ def test_every_ablation_keeps_the_same_examples(tiny_tokenizer, tmp_path):
     records = make_records(40, seed=3, max_history=12)
     records[5]["profile"] = {"bio": "very long " * 200}  # cannot fit even without history: dropped everywhere
     path = write_jsonl(tmp_path / "train.jsonl", records)
-    enc = td.PromptEncoder(tiny_tokenizer, max_length=120)
+    enc = PromptEncoder(tiny_tokenizer, max_length=120)
     seen = {}
     for name in ("profile_and_history", "profile_only", "history_only", "query_only"):
-        cfg = td.Config(model=td.ModelConfig("x"), data=td.DataConfig(str(path)), prompt=prompt_for(name))
-        split = td.build_split(path, "train", cfg, enc)
+        cfg = Config(model=ModelConfig("x"), data=DataConfig(str(path)), prompt=prompt_for(name))
+        split = build_split(path, "train", cfg, enc)
         assert "u0005" not in split.ids and len(split.targets) == len(split.ids) == len(split.examples)
         stats = split.stats
         seen[name] = (tuple(split.ids), stats.dropped_too_long, stats.history_shortened, stats.ids_sha256)
@@ -117,15 +122,19 @@ def test_every_ablation_keeps_the_same_examples(tiny_tokenizer, tmp_path):
     assert len(set(seen.values())) == 1, seen
     _, dropped, shortened, _ = seen["query_only"]
     assert dropped == 1 and shortened > 0
+    # The first example's record, kept for --dry_run, is the first one that fits (record 5 is the dropped one).
+    first = records[0]
+    assert split.first_record["id"] == first["id"]
+    assert split.first_history_items == enc.fitting_history(first, len(enc.target_ids(first["target"]))) < 10
 
 
 def test_a_target_longer_than_max_length_is_an_error(tiny_tokenizer, tmp_path):
     records = make_records(3)
     records[1]["target"] = "word " * 300
     path = write_jsonl(tmp_path / "train.jsonl", records)
-    cfg = td.Config(model=td.ModelConfig("x"), data=td.DataConfig(str(path)))
-    with pytest.raises(td.UserError, match=r"train.jsonl: record 2: the target alone is \d+ tokens"):
-        td.build_split(path, "train", cfg, td.PromptEncoder(tiny_tokenizer, 128))
+    cfg = Config(model=ModelConfig("x"), data=DataConfig(str(path)))
+    with pytest.raises(UserError, match=r"train.jsonl: record 2: the target alone is \d+ tokens"):
+        build_split(path, "train", cfg, PromptEncoder(tiny_tokenizer, 128))
 
 
 def test_record_problems_name_the_file_and_record(tiny_tokenizer, tmp_path):
@@ -136,19 +145,19 @@ def test_record_problems_name_the_file_and_record(tiny_tokenizer, tmp_path):
     path = tmp_path / "train.jsonl"
     # Written by hand: datasets needs one type per column, so the bad types go in records of their own files.
     path.write_text("".join(json.dumps(r) + "\n" for r in records[:1] + records[2:3]))
-    cfg = td.Config(model=td.ModelConfig("x"), data=td.DataConfig(str(path)))
-    with pytest.raises(td.UserError, match=r"train.jsonl: record 1: query is missing"):
-        td.build_split(path, "train", cfg, td.PromptEncoder(tiny_tokenizer, 256))
+    cfg = Config(model=ModelConfig("x"), data=DataConfig(str(path)))
+    with pytest.raises(UserError, match=r"train.jsonl: record 1: query is missing"):
+        build_split(path, "train", cfg, PromptEncoder(tiny_tokenizer, 256))
     for bad, message in ((records[1], "history must be a list"), (records[3], "target must be a string")):
-        problems = td.check_record(dict(bad), 6, path, td.PromptConfig())
+        problems = check_record(dict(bad), 6, path, PromptConfig())
         assert len(problems) == 1 and problems[0].startswith(f"{path}: record 7: {message}")
 
 
 def test_fields_the_ablation_does_not_use_may_be_missing(tmp_path):
     rec = {"id": "a", "profile": None, "history": None, "query": "q", "target": "t"}
     path = tmp_path / "x.jsonl"
-    assert td.check_record(rec, 0, path, prompt_for("query_only")) == []
-    problems = td.check_record(rec, 0, path, prompt_for("profile_and_history"))
+    assert check_record(rec, 0, path, prompt_for("query_only")) == []
+    problems = check_record(rec, 0, path, prompt_for("profile_and_history"))
     assert [p.split(": ", 2)[2] for p in problems] == [
         "profile is missing but this ablation includes the profile.",
         "history is missing but this ablation includes the history.",
@@ -158,19 +167,19 @@ def test_fields_the_ablation_does_not_use_may_be_missing(tmp_path):
 def test_malformed_jsonl_line_is_located(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps(RECORD) + "\n" + '{"query": "x", \n' + json.dumps(RECORD) + "\n")
-    with pytest.raises(td.UserError, match=r"train.jsonl: line 2: invalid JSON"):
-        td.read_records(path, td.FieldNames())
+    with pytest.raises(UserError, match=r"train.jsonl: line 2: invalid JSON"):
+        read_records(path, FieldNames())
 
 
 def test_empty_and_non_utf8_files(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(td.UserError, match="empty.jsonl"):
-        td.read_records(empty, td.FieldNames())
+    with pytest.raises(UserError, match="empty.jsonl"):
+        read_records(empty, FieldNames())
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(json.dumps(RECORD).encode() + b"\n" + b'{"query": "caf\xe9", "target": "x"}\n')
-    with pytest.raises(td.UserError, match=r"latin.jsonl: line 2: not valid UTF-8"):
-        td.read_records(latin, td.FieldNames())
+    with pytest.raises(UserError, match=r"latin.jsonl: line 2: not valid UTF-8"):
+        read_records(latin, FieldNames())
 
 
 def test_csv_parquet_and_renamed_fields_read_the_same_records(tmp_path):
@@ -179,7 +188,7 @@ def test_csv_parquet_and_renamed_fields_read_the_same_records(tmp_path):
     records = make_records(5, seed=4)
     renamed = [{"uid": r["id"], "user": r["profile"], "events": r["history"], "question": r["query"],
                 "answer": r["target"]} for r in records]
-    fields = td.FieldNames(profile="user", history="events", query="question", target="answer", id="uid")
+    fields = FieldNames(profile="user", history="events", query="question", target="answer", id="uid")
     jsonl = write_jsonl(tmp_path / "a.jsonl", renamed)
     csv = tmp_path / "a.csv"
     pd.DataFrame([{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in renamed]
@@ -189,6 +198,6 @@ def test_csv_parquet_and_renamed_fields_read_the_same_records(tmp_path):
     expected = [{"profile": r["profile"], "history": r["history"], "query": r["query"], "target": r["target"],
                  "id": r["id"]} for r in records]
     for path in (jsonl, csv, parquet):
-        got = td.read_records(path, fields)
+        got = read_records(path, fields)
         # Arrow may order struct keys differently; compare content.
         assert [json.dumps(r, sort_keys=True) for r in got] == [json.dumps(r, sort_keys=True) for r in expected], path

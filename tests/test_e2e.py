@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import train_deepspeed as td
 from conftest import REPO, run_script, write_config
+from finetune.config import FieldNames, PromptConfig
+from finetune.data import read_records
+from finetune.outputs import (DS_CONFIG_DIRNAME, FINAL_DIRNAME, GENERATED_DS_CONFIG_NAME, PREDICTIONS_NAME,
+                              RESOLVED_CONFIG_NAME, RESULTS_NAME)
+from finetune.prompts import IGNORE_INDEX, PromptEncoder
 
 
 def read(path: Path) -> dict:
@@ -26,13 +30,13 @@ def validation_loss(model_dir: Path, tokenizer_dir: Path, data_file: Path) -> fl
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    enc = td.PromptEncoder(tokenizer, 512)
+    enc = PromptEncoder(tokenizer, 512)
     total, count = 0.0, 0
     with torch.no_grad():
-        for rec in td.read_records(data_file, td.FieldNames()):
-            ex = enc.encode(rec, td.PromptConfig(), len(rec["history"]))
+        for rec in read_records(data_file, FieldNames()):
+            ex = enc.encode(rec, PromptConfig(), len(rec["history"]))
             out = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]]))
-            n = sum(label != td.IGNORE_INDEX for label in ex["labels"])  # tokens the loss averaged over
+            n = sum(label != IGNORE_INDEX for label in ex["labels"])  # tokens the loss averaged over
             total, count = total + out.loss.item() * n, count + n
     return total / count
 
@@ -56,7 +60,7 @@ def finished_run(tiny_model, tmp_path_factory):
 
 
 def test_run_used_deepspeed_zero3_with_offload_on_two_ranks(finished_run):
-    results = read(finished_run["out"] / td.RESULTS_NAME)
+    results = read(finished_run["out"] / RESULTS_NAME)
     assert results["deepspeed"] == {
         "engine": "DeepSpeedEngine", "zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu",
         "bf16": True, "optimizer": "DeepSpeedZeroOptimizer_Stage3", "base_optimizer": "DeepSpeedCPUAdam",
@@ -72,7 +76,7 @@ def test_run_used_deepspeed_zero3_with_offload_on_two_ranks(finished_run):
 
 def test_loss_fell_and_outputs_are_complete(finished_run):
     out = finished_run["out"]
-    results = read(out / td.RESULTS_NAME)
+    results = read(out / RESULTS_NAME)
     assert results["global_step"] == 12
     assert results["last_train_loss"] < results["first_train_loss"] - 0.5
     assert results["eval"]["eval_loss"] < results["first_eval_loss"] + 1e-9
@@ -83,9 +87,9 @@ def test_loss_fell_and_outputs_are_complete(finished_run):
     assert {"torch", "transformers", "deepspeed", "accelerate", "datasets"} <= results["versions"].keys()
     assert any("eval_loss" in h for h in results["log_history"][:-1])  # evaluated during training too
 
-    ds = read(out / td.DS_CONFIG_DIRNAME / td.GENERATED_DS_CONFIG_NAME)
+    ds = read(out / DS_CONFIG_DIRNAME / GENERATED_DS_CONFIG_NAME)
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == "auto"
-    resolved = read(out / td.RESOLVED_CONFIG_NAME)
+    resolved = read(out / RESOLVED_CONFIG_NAME)
     assert resolved["ablation"]["name"] == "profile_and_history"
     assert resolved["training"]["max_steps"] == 12 and resolved["prompt"]["include_history"] is True
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
@@ -93,7 +97,7 @@ def test_loss_fell_and_outputs_are_complete(finished_run):
 
 
 def test_throughput_and_batching_are_recorded(finished_run):
-    results = read(finished_run["out"] / td.RESULTS_NAME)
+    results = read(finished_run["out"] / RESULTS_NAME)
     assert results["batching"] == {"padding_free": False, "group_by_length": True}
     speed = results["throughput"]
     assert speed["steps"] == 12 and 0 < speed["seconds_per_step"] and speed["tokens_per_second"] > 0
@@ -122,7 +126,7 @@ def test_padding_free_under_zero3_gives_the_padded_first_step_loss(tiny_model, t
         out = tmp_path / f"run_{padding_free}"
         proc = run_script(["--config", str(config), "--output_dir", str(out)])
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        results[padding_free] = read(out / td.RESULTS_NAME)
+        results[padding_free] = read(out / RESULTS_NAME)
     padded, flat = results[False], results[True]
     assert flat["batching"]["padding_free"] and flat["throughput"]["padding_efficiency"] == 1.0
     assert padded["throughput"]["padding_efficiency"] < 1.0
@@ -135,30 +139,30 @@ def test_padding_free_under_zero3_gives_the_padded_first_step_loss(tiny_model, t
 
 def test_test_set_is_evaluated_with_predictions_for_every_example(finished_run):
     out = finished_run["out"]
-    lines = (out / td.PREDICTIONS_NAME).read_text().splitlines()
+    lines = (out / PREDICTIONS_NAME).read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert [r["id"] for r in rows] == [f"t{i:04d}" for i in range(11)]  # one line each, in file order
     assert all(r["loss"] > 0 and r["target_tokens"] >= 2 and isinstance(r["prediction"], str) for r in rows)
-    test = read(out / td.RESULTS_NAME)["test"]
+    test = read(out / RESULTS_NAME)["test"]
     assert test["examples"] == test["generated"] == 11 and test["numeric"] is False
     weighted = sum(r["loss"] * r["target_tokens"] for r in rows) / sum(r["target_tokens"] for r in rows)
     assert test["loss"] == pytest.approx(weighted) and test["perplexity"] == pytest.approx(math.exp(weighted))
     assert test["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / 11)
     # The per-example losses agree with a plain forward pass of the saved model.
-    final = out / td.FINAL_DIRNAME
+    final = out / FINAL_DIRNAME
     assert test["loss"] == pytest.approx(validation_loss(final, final, finished_run["data"] / "test.jsonl"), rel=0.05)
 
 
 def test_eval_only_rescores_a_finished_run(finished_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(finished_run["out"], out, ignore=shutil.ignore_patterns("checkpoint-*"))
-    before = read(out / td.RESULTS_NAME)
+    before = read(out / RESULTS_NAME)
     proc = run_script(["--config", str(finished_run["config"]), "--output_dir", str(out), "--do_eval_only",
                        "--set", "evaluation.max_test_examples=5"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    after = read(out / td.RESULTS_NAME)
+    after = read(out / RESULTS_NAME)
     assert after["test"]["generated"] == 5 and after["test"]["examples"] == 11
-    assert len((out / td.PREDICTIONS_NAME).read_text().splitlines()) == 5
+    assert len((out / PREDICTIONS_NAME).read_text().splitlines()) == 5
     assert after["train"] == before["train"] and after["log_history"] == before["log_history"]
     wrong = run_script(["--config", str(finished_run["config"]), "--output_dir", str(out), "--do_eval_only",
                         "--ablation_config", "query_only"], processes=None)
@@ -189,7 +193,7 @@ def test_compare_two_tiny_runs_writes_table_csv_and_png(finished_run, tmp_path):
 
 
 def test_final_model_reloads_and_beats_the_initial_weights(finished_run, tiny_model):
-    final = finished_run["out"] / td.FINAL_DIRNAME
+    final = finished_run["out"] / FINAL_DIRNAME
     val = finished_run["data"] / "validation.jsonl"
     trained = validation_loss(final, final, val)
     initial = validation_loss(tiny_model, tiny_model, val)
@@ -205,7 +209,7 @@ def test_resume_from_mid_run_checkpoint_reaches_the_same_end(finished_run, tmp_p
     proc = run_script(["--config", str(finished_run["config"]), "--output_dir", str(out),
                        "--resume_from_checkpoint", "auto"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    resumed, full = read(out / td.RESULTS_NAME), read(src / td.RESULTS_NAME)
+    resumed, full = read(out / RESULTS_NAME), read(src / RESULTS_NAME)
     assert resumed["resumed_from"].endswith("checkpoint-6")
     assert resumed["global_step"] == full["global_step"] == 12
     assert resumed["last_train_loss"] == pytest.approx(full["last_train_loss"], abs=1e-2)
@@ -219,7 +223,7 @@ def test_plain_python_runs_a_single_process(tiny_model, data_dir, tmp_path):
     proc = run_script(["--config", str(config), "--ablation_config", "query_only", "--output_dir", str(out)],
                       processes=None)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    results = read(out / td.RESULTS_NAME)
+    results = read(out / RESULTS_NAME)
     assert results["world_size"] == 1 and results["deepspeed"]["zero_stage"] == 3
     assert results["global_step"] == 2 and results["ablation"] == "query_only"
 
@@ -238,11 +242,35 @@ def test_real_gemma_3_270m_trains_a_few_steps(tmp_path):
         "--set", "data.validation_file=null",
     ], timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    results = read(out / td.RESULTS_NAME)
+    results = read(out / RESULTS_NAME)
     assert results["global_step"] == 3 and results["deepspeed"]["zero_stage"] == 3
     losses = [h["loss"] for h in results["log_history"] if "loss" in h]
     # The base model has never seen <end_of_turn> after text (about 33 nats on that token): loss starts high, falls fast.
     assert len(losses) == 3 and all(0 < loss < 60 for loss in losses) and losses[-1] < losses[0]
     from transformers import AutoConfig
 
-    assert AutoConfig.from_pretrained(out / td.FINAL_DIRNAME).model_type == "gemma3_text"
+    assert AutoConfig.from_pretrained(out / FINAL_DIRNAME).model_type == "gemma3_text"
+
+
+def test_main_takes_extra_trainer_callbacks(tiny_model, data_dir, tmp_path):
+    """main(argv, callbacks=...) hands extra callbacks to the Trainer (the speed benchmark's step probe uses this)."""
+    config = write_config(tmp_path / "config.json", tiny_model, data_dir,
+                          training={"max_steps": 2, "eval_steps": None, "save_steps": 2})
+    out, record = tmp_path / "run", tmp_path / "steps.json"
+    code = ("import json, sys; sys.path.insert(0, 'Gemma'); import train_deepspeed\n"
+            "from transformers import TrainerCallback\n"
+            "class Recorder(TrainerCallback):\n"
+            "    steps = []\n"
+            "    def on_step_end(self, args, state, control, **kwargs):\n"
+            "        self.steps.append(state.global_step)\n"
+            "    def on_train_end(self, args, state, control, **kwargs):\n"
+            "        open(sys.argv[3], 'w').write(json.dumps(self.steps))\n"
+            "sys.exit(train_deepspeed.main(['--config', sys.argv[1], '--output_dir', sys.argv[2]],"
+            " callbacks=[Recorder()]))\n")
+    from conftest import script_env
+
+    proc = subprocess.run([sys.executable, "-c", code, str(config), str(out), str(record)], cwd=REPO,
+                          env=script_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert json.loads(record.read_text()) == [1, 2]
+    assert read(out / RESULTS_NAME)["global_step"] == 2

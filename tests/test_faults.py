@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import train_deepspeed as td
 from conftest import REPO, make_records, run_script, script_env, write_config, write_jsonl
+from finetune.errors import UserError
+from finetune.outputs import (FINAL_DIRNAME, RESULTS_NAME, checkpoint_is_complete, last_complete_checkpoint,
+                              resolve_resume)
 
 STEPS = 30
 
@@ -33,11 +35,11 @@ def test_incomplete_checkpoints_are_never_taken_for_complete(tmp_path):
     fake_checkpoint(tmp_path, 10, complete=True)
     fake_checkpoint(tmp_path, 15, complete=False)  # killed before trainer_state.json
     fake_checkpoint(tmp_path, 20, complete=False, truncated=True)  # killed while writing it
-    assert td.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
-    assert td.resolve_resume("auto", tmp_path) == str(tmp_path / "checkpoint-10")
-    with pytest.raises(td.UserError, match="not a complete checkpoint"):
-        td.resolve_resume(str(tmp_path / "checkpoint-15"), tmp_path)
-    assert td.last_complete_checkpoint(tmp_path / "none") is None
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert resolve_resume("auto", tmp_path) == str(tmp_path / "checkpoint-10")
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoint-15"), tmp_path)
+    assert last_complete_checkpoint(tmp_path / "none") is None
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def uninterrupted(setup):
     out = setup["base"] / "uninterrupted"
     proc = run_script(["--config", str(setup["config"]), "--output_dir", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / td.RESULTS_NAME).read_text())
+    return json.loads((out / RESULTS_NAME).read_text())
 
 
 def start(setup: dict, out: Path, *extra: str) -> subprocess.Popen:
@@ -86,7 +88,7 @@ def kill_tree(pid: int) -> None:
 
 def wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
-    while not td.checkpoint_is_complete(out / f"checkpoint-{step}"):
+    while not checkpoint_is_complete(out / f"checkpoint-{step}"):
         assert proc.poll() is None, output_of(proc)[-3000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
@@ -95,7 +97,7 @@ def wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: f
 def resume_and_compare(setup: dict, out: Path, uninterrupted: dict) -> dict:
     proc = run_script(["--config", str(setup["config"]), "--output_dir", str(out), "--resume_from_checkpoint", "auto"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    resumed = json.loads((out / td.RESULTS_NAME).read_text())
+    resumed = json.loads((out / RESULTS_NAME).read_text())
     assert resumed["global_step"] == uninterrupted["global_step"] == STEPS
     assert resumed["last_train_loss"] == pytest.approx(uninterrupted["last_train_loss"], abs=1e-2)
     return resumed
@@ -107,7 +109,7 @@ def test_sigkill_then_auto_resume_matches_an_uninterrupted_run(setup, uninterrup
     wait_for_checkpoint(out, 10, proc)
     kill_tree(proc.pid)  # the launcher and both ranks at once, with no chance to clean up
     proc.wait(timeout=60)
-    assert not (out / td.RESULTS_NAME).exists() and not (out / td.FINAL_DIRNAME).exists()
+    assert not (out / RESULTS_NAME).exists() and not (out / FINAL_DIRNAME).exists()
     # A checkpoint the kill interrupted while it was being written must be passed over.
     last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     fake_checkpoint(out, last + 1, complete=False)
@@ -125,8 +127,8 @@ def test_sigterm_saves_at_the_next_step_and_resumes(setup, uninterrupted):
     assert proc.returncode != 0
     assert "preempted (SIGTERM): saved" in output and "--resume_from_checkpoint auto" in output
     assert "Traceback (most recent call last)" not in output.split("preempted (SIGTERM)")[0]
-    assert not (out / td.RESULTS_NAME).exists()
-    saved = td.last_complete_checkpoint(out)
+    assert not (out / RESULTS_NAME).exists()
+    saved = last_complete_checkpoint(out)
     step = int(saved.name.split("-")[1])
     # Saved at the step boundary after the signal: at most one step lost, not back to the last save_steps multiple.
     assert f"saved {saved} at step {step}" in output and 5 <= step < STEPS
@@ -141,8 +143,26 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(setup):
     assert proc.returncode != 0
     assert "training diverged: the loss or the gradient norm became NaN or infinite at step" in output
     step = int(output.split("infinite at step ")[1].split(".")[0])
-    last_good = td.last_complete_checkpoint(out)
+    last_good = last_complete_checkpoint(out)
     assert last_good is not None and int(last_good.name.split("-")[1]) == step - 1
     assert f"the last good checkpoint is {last_good}" in output
     assert not (out / f"checkpoint-{step}").exists()  # nothing saved from the broken step on
-    assert not (out / td.RESULTS_NAME).exists() and not (out / td.FINAL_DIRNAME).exists()
+    assert not (out / RESULTS_NAME).exists() and not (out / FINAL_DIRNAME).exists()
+
+
+def test_sigterm_is_caught_only_while_training_runs():
+    """Outside training (e.g. --do_eval_only, or the test evaluation after training) no step boundary will ever act on
+    a caught SIGTERM, so it must keep its default effect: end the process."""
+    from finetune.faults import FaultGuard
+
+    before = signal.getsignal(signal.SIGTERM)
+    guard = FaultGuard(trainer=None)
+    assert signal.getsignal(signal.SIGTERM) is before  # building the guard changes nothing
+    guard.on_train_begin(None, None, None)
+    try:
+        assert signal.getsignal(signal.SIGTERM) == guard._on_sigterm
+        signal.raise_signal(signal.SIGTERM)  # caught: a request, acted on at the next step boundary
+        assert guard.preempt_requested
+    finally:
+        guard.on_train_end(None, None, None)
+    assert signal.getsignal(signal.SIGTERM) is before

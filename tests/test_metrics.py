@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import train_deepspeed as td
+from finetune.metrics import parse_number, score_predictions
 
 
 def rows(pairs, losses=None):
@@ -16,7 +16,7 @@ def rows(pairs, losses=None):
 def test_exact_match_ignores_case_spacing_and_a_full_stop():
     data = rows([("comedy", "Comedy."), ("comedy", " comedy "), ("science fiction", "science  fiction"),
                  ("drama", "dramatic"), ("horror", "")])
-    metrics = td.score_predictions(data, test_examples=9)
+    metrics = score_predictions(data, test_examples=9)
     assert [r["exact_match"] for r in data] == [True, True, True, False, False]
     assert metrics["exact_match"] == pytest.approx(3 / 5)
     assert metrics["numeric"] is False and metrics["mae"] is None and metrics["unparsable"] is None
@@ -25,7 +25,7 @@ def test_exact_match_ignores_case_spacing_and_a_full_stop():
 
 def test_numeric_targets_give_mae_rmse_and_count_unparsable_predictions():
     data = rows([("4", "4"), ("5", "3 stars"), ("1", "I cannot say"), ("2.5", "-0.5"), ("3", "")])
-    metrics = td.score_predictions(data, test_examples=5)
+    metrics = score_predictions(data, test_examples=5)
     assert metrics["numeric"] is True
     assert [r["parsed"] for r in data] == [4.0, 3.0, None, -0.5, None]
     assert [r["abs_error"] for r in data] == [0.0, 2.0, None, 3.0, None]
@@ -38,12 +38,12 @@ def test_numeric_targets_give_mae_rmse_and_count_unparsable_predictions():
 def test_loss_is_token_weighted_and_perplexity_is_its_exponential():
     data = rows([("a", "a"), ("b", "c")], losses=[1.0, 3.0])
     data[1]["target_tokens"] = 6
-    metrics = td.score_predictions(data, test_examples=2)
+    metrics = score_predictions(data, test_examples=2)
     assert metrics["loss"] == pytest.approx((1.0 * 2 + 3.0 * 6) / 8)
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
 
 
 def test_parse_number():
-    assert td.parse_number("rating: 4.5/5") == 4.5
-    assert td.parse_number("-3") == -3.0 and td.parse_number(".5") == 0.5 and td.parse_number("1e3") == 1000.0
-    assert td.parse_number("none") is None
+    assert parse_number("rating: 4.5/5") == 4.5
+    assert parse_number("-3") == -3.0 and parse_number(".5") == 0.5 and parse_number("1e3") == 1000.0
+    assert parse_number("none") is None

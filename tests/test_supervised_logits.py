@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import train_deepspeed as td
 from conftest import make_records
+from finetune.batching import SupervisedPositionsCollator
+from finetune.config import PromptConfig
+from finetune.prompts import IGNORE_INDEX, PromptEncoder
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "gemma2"])  # gemma2 adds final-logit soft-capping
@@ -17,13 +19,13 @@ def test_supervised_positions_loss_and_gradients_equal_the_standard_ones(arch, t
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert model.config.tie_word_embeddings
-    enc = td.PromptEncoder(tokenizer, 256)
-    features = [enc.encode(r, td.PromptConfig(), len(r["history"])) for r in make_records(3, seed=7)]
-    batch = td.SupervisedPositionsCollator(tokenizer)(features)
+    enc = PromptEncoder(tokenizer, 256)
+    features = [enc.encode(r, PromptConfig(), len(r["history"])) for r in make_records(3, seed=7)]
+    batch = SupervisedPositionsCollator(tokenizer)(features)
     assert batch["input_ids"].shape[0] == 3 and batch["attention_mask"][:, -1].min() == 0  # right-padded
 
     # Only the target tokens and their <end_of_turn> are predicted: a handful of positions, not the whole prompt.
-    n_supervised = sum(sum(label != td.IGNORE_INDEX for label in f["labels"]) for f in features)
+    n_supervised = sum(sum(label != IGNORE_INDEX for label in f["labels"]) for f in features)
     assert int(batch["logits_to_keep"].sum()) == n_supervised == batch["shift_labels"].numel()
     assert n_supervised < batch["input_ids"].numel() / 10
 

@@ -19,8 +19,10 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LO
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
-import train_deepspeed as td  # noqa: E402
 from conftest import make_records  # noqa: E402
+from finetune.batching import SupervisedPositionsCollator  # noqa: E402
+from finetune.config import PromptConfig  # noqa: E402
+from finetune.prompts import PromptEncoder  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
@@ -39,9 +41,9 @@ def main() -> None:
     # SGD with lr 0: engine.step() clears the gradients and leaves the weights as they were.
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
                                       config=ds_config)
-    encoder = td.PromptEncoder(tokenizer, 256)
-    features = [encoder.encode(r, td.PromptConfig(), len(r["history"])) for r in make_records(3, seed=7)]
-    batch = td.SupervisedPositionsCollator(tokenizer)(features)
+    encoder = PromptEncoder(tokenizer, 256)
+    features = [encoder.encode(r, PromptConfig(), len(r["history"])) for r in make_records(3, seed=7)]
+    batch = SupervisedPositionsCollator(tokenizer)(features)
     standard = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
     results, grads = {}, {}
     for name, inputs in (("standard", standard), ("supervised", dict(batch))):

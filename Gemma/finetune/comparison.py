@@ -1,0 +1,398 @@
+"""Finished runs -> rows of a comparison: load and check run directories, refuse runs that are not comparable, and
+compute every metric of the registry (metrics.METRICS) with its paired difference from the reference run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bootstrap import paired_bootstrap
+from .errors import UserError
+from .metrics import MAE, METRICS, Metric
+from .outputs import PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME
+
+DEFAULT_REFERENCE_ABLATION = "profile_and_history"  # the full prompt: every other ablation removes something from it
+# resolved_config.json keys that may differ between the runs of one ablation study (a key covers everything below it)
+IGNORED_CONFIG_KEYS = frozenset({
+    "prompt", "ablation", "cli.output_dir", "cli.ablation_config", "cli.resume_from_checkpoint",
+    "cli.overwrite_output_dir", "deepspeed_config_file",
+})
+# --set overrides of these sections refine the ablation, so cli.overrides is compared without them
+ABLATION_OVERRIDE_PREFIXES = ("prompt.",)
+# The per-example columns of predictions.jsonl the metrics read: a column may be null only when every metric reading
+# it is for numeric tasks (an answer that did not parse as a number has no error).
+COLUMNS = {column: all(m.numeric_only for m in METRICS if column in (m.column, m.weight))
+           for m in METRICS for column in (m.column, m.weight) if column is not None}
+WEIGHTS = {m.weight for m in METRICS if m.weight is not None}  # per-example weights: at least 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading runs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """predictions.jsonl as aligned arrays, one element per generated test example."""
+
+    ids: np.ndarray  # str
+    columns: dict[str, np.ndarray]  # COLUMNS by name, float64; NaN where an example has no value (null)
+
+    def select(self, ids: np.ndarray) -> Predictions:
+        """The rows of the given ids, in their order (every id must be present)."""
+        order = np.argsort(self.ids, kind="stable")
+        rows = order[np.searchsorted(self.ids[order], ids)]
+        return Predictions(self.ids[rows], {name: values[rows] for name, values in self.columns.items()})
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    name: str  # the directory name, or its path below the runs' common parent when two names collide
+    ablation: str
+    numeric: bool  # the test targets are numbers: MAE, RMSE and unparsable apply
+    examples: dict[str, str]  # split -> ids_sha256
+    eval_loss: float | None
+    eval_curve: list[tuple[int, float]]  # (step, eval_loss) from log_history
+    config: dict[str, Any]
+    predictions: Predictions | None  # None: the run had no test file
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({e}).") from None
+
+
+def _field(obj: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
+    """obj[key], which must exist and have one of the given types (list type(None) to allow null)."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {json.dumps(obj)[:60]}.")
+    if key not in obj:
+        raise UserError(f"{where}: missing key {key!r}; was this file written by Gemma/train_deepspeed.py?")
+    allowed = types if isinstance(types, tuple) else (types,)
+    value = obj[key]
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):  # JSON true is no number
+        names = "/".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise UserError(f"{where}: {key}: expected {names}, got {json.dumps(value)[:60]}.")
+    return value
+
+
+def _finite(value: float | None, where: str) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise UserError(f"{where}: expected a finite number, got {value}.")
+    return None if value is None else float(value)
+
+
+def read_predictions(path: Path) -> Predictions:
+    """Parse predictions.jsonl, checking every line; errors name the file and line."""
+    ids: list[str] = []
+    columns: dict[str, list[float]] = {name: [] for name in COLUMNS}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({e}).") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: invalid JSON ({e.msg}); is the file truncated?") from None
+        ids.append(str(_field(rec, "id", (str, int), where)))
+        for name, nullable in COLUMNS.items():
+            types = (int, float, bool, type(None)) if nullable else (int, float, bool)
+            value = _finite(_field(rec, name, types, where), f"{where}: {name}")
+            if name in WEIGHTS and not value >= 1:
+                raise UserError(f"{where}: {name}: must be >= 1, got {value}.")
+            columns[name].append(math.nan if value is None else value)
+    if not ids:
+        raise UserError(f"{path}: no predictions; the run's test generation did not finish.")
+    id_array = np.array(ids)
+    unique, counts = np.unique(id_array, return_counts=True)
+    if len(unique) < len(id_array):
+        raise UserError(f"{path}: duplicate ids, e.g. {', '.join(unique[counts > 1][:3])}; ids must be unique.")
+    return Predictions(id_array, {name: np.array(values, dtype=np.float64) for name, values in columns.items()})
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read one run directory: results.json and resolved_config.json, plus predictions.jsonl when the run had a test
+    file (results.json's "test" section says so)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory.")
+    if not (run_dir / RESOLVED_CONFIG_NAME).is_file():
+        raise UserError(f"{run_dir}: no {RESOLVED_CONFIG_NAME}; is this an --output_dir of Gemma/train_deepspeed.py?")
+    if not (run_dir / RESULTS_NAME).is_file():
+        raise UserError(f"{run_dir}: no {RESULTS_NAME}; is the run finished? (train_deepspeed.py writes it last)")
+    results_path = run_dir / RESULTS_NAME
+    results, config = _read_json(results_path), _read_json(run_dir / RESOLVED_CONFIG_NAME)
+    if not isinstance(config, dict):
+        raise UserError(f"{run_dir / RESOLVED_CONFIG_NAME}: expected a JSON object.")
+    where = str(results_path)
+    examples = {split: _field(stats, "ids_sha256", str, f"{where}: examples.{split}")
+                for split, stats in _field(results, "examples", dict, where).items()}
+    eval_metrics = _field(results, "eval", dict, where)
+    eval_loss = (_finite(_field(eval_metrics, "eval_loss", (int, float), f"{where}: eval"), f"{where}: eval.eval_loss")
+                 if "eval_loss" in eval_metrics else None)  # absent when the run had no validation file
+    curve = {}
+    for entry in _field(results, "log_history", list, where):
+        if isinstance(entry, dict) and "eval_loss" in entry and "step" in entry:
+            curve[entry["step"]] = entry["eval_loss"]  # a repeated final evaluation keeps the last value
+
+    predictions_path = run_dir / PREDICTIONS_NAME
+    test = results.get("test")  # absent (or null) when the run had no test file
+    if test is None and predictions_path.exists():
+        raise UserError(f"{run_dir}: {PREDICTIONS_NAME} exists but {RESULTS_NAME} has no \"test\" section; "
+                        "was the run interrupted after generation?")
+    if test is not None and not predictions_path.is_file():
+        raise UserError(f"{run_dir}: {RESULTS_NAME} reports a test evaluation but {PREDICTIONS_NAME} is missing.")
+    predictions, numeric = None, False
+    if test is not None:
+        numeric = _field(test, "numeric", bool, f"{where}: test")
+        generated = _field(test, "generated", int, f"{where}: test")
+        predictions = read_predictions(predictions_path)
+        if len(predictions.ids) != generated:
+            raise UserError(f"{predictions_path}: {len(predictions.ids)} predictions, but {RESULTS_NAME} says "
+                            f"test.generated={generated}; is the file truncated?")
+    return Run(path=run_dir, name=run_dir.resolve().name, ablation=_field(results, "ablation", str, where),
+               numeric=numeric, examples=examples, eval_loss=eval_loss, eval_curve=sorted(curve.items()),
+               config=config, predictions=predictions)
+
+
+def common_parent(paths: Sequence[Path]) -> Path:
+    """The deepest directory holding every run directory (for sibling runs: their parent)."""
+    return Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
+
+
+def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
+    """Load every run; rows are named by directory name, or by the path below the common parent when names collide."""
+    resolved = [Path(d).resolve() for d in run_dirs]
+    if len(set(resolved)) < len(resolved):
+        raise UserError("the same run directory is given twice; list each run once.")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    if len({r.name for r in runs}) < len(runs):
+        parent = common_parent(resolved)
+        runs = [replace(r, name=p.relative_to(parent).as_posix()) for r, p in zip(runs, resolved, strict=True)]
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Comparability: the same examples, and configs that differ only in the ablation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+_ABSENT = object()  # a key one run's file lacks
+
+
+def _show(value: Any) -> str:
+    if value is _ABSENT:
+        return "absent"
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _differs(runs: Sequence[Run], values: Sequence[Any]) -> str | None:
+    """'a=1, b=2' when the runs' values are not all equal (as JSON: 1 and 1.0 and true differ), else None."""
+    def key(v: Any) -> str:
+        return "\0absent" if v is _ABSENT else json.dumps(v, sort_keys=True)
+
+    if len({key(v) for v in values}) == 1:
+        return None
+    return ", ".join(f"{r.name}={_show(v)}" for r, v in zip(runs, values, strict=True))
+
+
+def example_differences(runs: Sequence[Run]) -> list[str]:
+    """Differences in the example sets: every split's ids_sha256, and the ids of predictions.jsonl."""
+    problems = []
+    for split in sorted({s for r in runs for s in r.examples}):
+        hashes = [r.examples.get(split, _ABSENT) for r in runs]
+        if len({str(h) for h in hashes}) > 1:
+            shown = ", ".join(f"{r.name}={h[:12] if isinstance(h, str) else _show(h)}"
+                              for r, h in zip(runs, hashes, strict=True))
+            problems.append(f"examples.{split}.ids_sha256 differs: {shown}")
+    id_sets = [(r.name, set(r.predictions.ids)) for r in runs if r.predictions is not None]
+    if id_sets:
+        (first, first_ids), others = id_sets[0], id_sets[1:]
+        for name, ids in others:
+            if ids != first_ids:
+                extra, missing = sorted(ids - first_ids), sorted(first_ids - ids)
+                problems.append(f"{PREDICTIONS_NAME} ids differ: {name} has {len(extra)} ids {first} lacks "
+                                f"({', '.join(extra[:3]) or '-'}) and lacks {len(missing)} of its ids "
+                                f"({', '.join(missing[:3]) or '-'})")
+    return problems
+
+
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"training": {"learning_rate": 1e-4}} -> {"training.learning_rate": 1e-4}, without IGNORED_CONFIG_KEYS.
+    cli.overrides keeps only the --set entries outside the ablation's sections."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if path in IGNORED_CONFIG_KEYS:
+            continue
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{path}."))
+        elif path == "cli.overrides" and isinstance(value, list):
+            flat[path] = [o for o in value if not str(o).startswith(ABLATION_OVERRIDE_PREFIXES)]
+        else:
+            flat[path] = value
+    return flat
+
+
+def config_differences(runs: Sequence[Run]) -> list[str]:
+    """Every resolved_config.json key path whose value is not the same in all runs, with each run's value."""
+    flat = [flatten_config(r.config) for r in runs]
+    problems = []
+    for key in sorted({k for f in flat for k in f}):
+        if (shown := _differs(runs, [f.get(key, _ABSENT) for f in flat])) is not None:
+            problems.append(f"{key} differs: {shown}")
+    return problems
+
+
+def check_comparable(runs: Sequence[Run], *, allow_different_examples: bool = False,
+                     allow_config_differences: bool = False) -> list[str]:
+    """The reasons the runs cannot be compared, each naming the flag that overrides it; [] when they can be."""
+    problems = []
+    if not allow_different_examples:
+        problems += [f"{p}  (override: --allow_different_examples)" for p in example_differences(runs)]
+    if not allow_config_differences:
+        problems += [f"{p}  (override: --allow_config_differences)" for p in config_differences(runs)]
+    return problems
+
+
+def choose_reference(runs: Sequence[Run], wanted: str | None) -> Run:
+    """--reference as a run directory, a run name or an ablation name; by default the profile_and_history run, else
+    the first run."""
+    if wanted is None:
+        full = [r for r in runs if r.ablation == DEFAULT_REFERENCE_ABLATION]
+        return full[0] if full else runs[0]
+    if Path(wanted).is_dir():
+        by_path = [r for r in runs if r.path.resolve() == Path(wanted).resolve()]
+        if by_path:
+            return by_path[0]
+    matches = [r for r in runs if r.name == wanted] or [r for r in runs if r.ablation == wanted]
+    if len(matches) == 1:
+        return matches[0]
+    choices = ", ".join(r.name for r in runs)
+    if matches:
+        raise UserError(f"--reference {wanted}: {len(matches)} runs have that ablation; name one run: {choices}.")
+    raise UserError(f"--reference {wanted}: not one of the runs; give a run directory, a run name ({choices}) or "
+                    "an ablation name.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The comparison table
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A run's metric value and its paired difference from the reference (None where it does not apply)."""
+
+    value: float | None = None
+    diff: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One run's line of the comparison. Each metric of the registry reads as an attribute: row.exact_match."""
+
+    run: str
+    ablation: str
+    reference: bool
+    examples: int | None  # test examples the metrics use
+    eval_loss: Estimate  # no interval: the Trainer reports only the mean
+    metrics: dict[str, Estimate] = field(default_factory=dict)  # by Metric.name, every metric of METRICS
+    unparsable: int | None = None  # numeric tasks: predictions that did not parse as a number
+    numeric_pairs: int | None = None  # numeric tasks: examples parsed in this run and the reference (MAE/RMSE)
+
+    def __getattr__(self, name: str) -> Estimate:
+        metrics = self.__dict__.get("metrics", {})
+        if name in metrics:
+            return metrics[name]
+        raise AttributeError(name)
+
+    def estimate(self, name: str) -> Estimate:
+        """eval_loss or a metric of the registry, by name."""
+        return self.eval_loss if name == "eval_loss" else self.metrics[name]
+
+
+def common_ids(runs: Sequence[Run]) -> np.ndarray:
+    """The test ids every run with predictions has, sorted (with matching example sets: all of them)."""
+    id_sets = [r.predictions.ids for r in runs if r.predictions is not None]
+    if not id_sets:
+        return np.array([], dtype=str)
+    common = id_sets[0]
+    for ids in id_sets[1:]:
+        common = np.intersect1d(common, ids)
+    return np.unique(common)
+
+
+def _values(metric: Metric, p: Predictions) -> tuple[np.ndarray, np.ndarray]:
+    values = p.columns[metric.column]
+    return values, (np.ones_like(values) if metric.weight is None else p.columns[metric.weight])
+
+
+def metric_estimate(metric: Metric, run: Predictions, ref: Predictions | None, bootstrap: dict[str, Any]) -> Estimate:
+    """The metric over the run's examples that have a value; with the reference's aligned predictions, also the
+    paired difference over the examples that have a value in both runs, and its interval."""
+    values, weights = _values(metric, run)
+    present = ~np.isnan(values)
+    if not present.any():
+        return Estimate()
+    value = metric.aggregate(values[present], weights[present])
+    if ref is None:
+        return Estimate(value)
+    ref_values, ref_weights = _values(metric, ref)
+    both = present & ~np.isnan(ref_values)
+    if not both.any():
+        return Estimate(value)
+    return Estimate(value, *paired_bootstrap(values[both], ref_values[both], metric.aggregate,
+                                             weights=(weights[both], ref_weights[both]), **bootstrap))
+
+
+def comparison_table(runs: Sequence[Run], reference: Run, *, n_resamples: int = 2000, confidence: float = 0.95,
+                     seed: int = 0) -> list[Row]:
+    """One Row per run, in the given order. Test metrics use the test ids common to all runs with predictions (all of
+    them when the example sets match); a metric that has no value for some examples (MAE when an answer did not
+    parse) uses the run's examples that have one, and its difference the examples that have one in both runs."""
+    bootstrap: dict[str, Any] = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
+    ids = common_ids(runs)
+    aligned = {r.name: r.predictions.select(ids) for r in runs if r.predictions is not None and ids.size}
+    ref = aligned.get(reference.name)
+    rows = []
+    for run in runs:
+        is_ref = run is reference
+        eval_diff = (None if is_ref or run.eval_loss is None or reference.eval_loss is None
+                     else run.eval_loss - reference.eval_loss)
+        p = aligned.get(run.name)
+        estimates = {}
+        for metric in METRICS:
+            paired = ref if not is_ref and metric.applies(reference.numeric) else None
+            estimates[metric.name] = (metric_estimate(metric, p, paired, bootstrap)
+                                      if p is not None and metric.applies(run.numeric) else Estimate())
+        unparsable = pairs = None
+        if p is not None and run.numeric:
+            parsed = ~np.isnan(p.columns[MAE.column])
+            unparsable = int(np.sum(~parsed))
+            if is_ref:
+                pairs = int(np.sum(parsed))
+            elif ref is not None and reference.numeric:
+                pairs = int(np.sum(parsed & ~np.isnan(ref.columns[MAE.column])))
+        rows.append(Row(run.name, run.ablation, is_ref, len(ids) if p is not None else None,
+                        Estimate(run.eval_loss, eval_diff), estimates, unparsable, pairs))
+    return rows

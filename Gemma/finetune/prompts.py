@@ -1,0 +1,185 @@
+"""Records -> the user turn -> token ids and labels.
+
+The user turn holds the prompt's sections in order (each shown when PromptConfig's include_<name> is true), then the
+query. A new section is one entry in SECTIONS, a field of that name in config.FieldNames and an include_<name> key in
+config.PromptConfig; rendering, record checks, token counts per section and ablation profiles follow from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import PromptConfig
+from .errors import UserError
+from .gemma import END_OF_TURN, START_OF_TURN
+
+IGNORE_INDEX = -100  # label value the loss skips (torch's CrossEntropyLoss default)
+
+
+def _attributes(obj: dict | str, sep: str) -> str:
+    if isinstance(obj, str):
+        return obj.strip()
+    # Arrow fills keys missing from one record with null; a null attribute is not information.
+    return sep.join(f"{k}: {v}" for k, v in obj.items() if v is not None)
+
+
+def _profile_body(profile: dict | str) -> str:
+    return profile.strip() if isinstance(profile, str) else "- " + _attributes(profile, "\n- ")
+
+
+def _history_body(items: list) -> str:
+    return "\n".join(f"{i}. {_attributes(item, '; ')}" for i, item in enumerate(items, 1)) or "(none)"
+
+
+def _profile_problem(value: Any) -> str | None:
+    if not isinstance(value, (dict, str)):
+        return f"must be an object or a string, got {type(value).__name__}"
+    return None
+
+
+def _history_problem(value: Any) -> str | None:
+    if not isinstance(value, list):
+        return f"must be a list of items (oldest first), got {type(value).__name__}"
+    if not all(isinstance(item, (dict, str)) for item in value):
+        return "items must be objects or strings"
+    return None
+
+
+@dataclass(frozen=True)
+class Section:
+    """An optional part of the user turn, filled from the record field `name`."""
+
+    name: str
+    heading: str
+    body: Callable[[Any], str]  # the record's value (for a list section: the items kept) -> text
+    problem: Callable[[Any], str | None]  # what is wrong with a record's (non-null) value, or None
+    is_list: bool = False  # a list of items, of which only the most recent fit (history)
+
+
+SECTIONS = (
+    Section("profile", "User profile:", _profile_body, _profile_problem),
+    Section("history", "Interaction history (oldest first):", _history_body, _history_problem, is_list=True),
+)
+
+
+def included(prompt: PromptConfig, section: Section) -> bool:
+    return getattr(prompt, f"include_{section.name}")
+
+
+def render_user_message(record: dict, prompt: PromptConfig, history_items: int) -> str:
+    """The user turn: the sections the prompt includes, in SECTIONS order, then the query. A list section shows its
+    last `history_items` items (most recent last), at most prompt.max_history_items of them. Sections the prompt
+    leaves out are absent, not empty."""
+    if prompt.max_history_items is not None:
+        history_items = min(history_items, prompt.max_history_items)
+    parts = []
+    for section in SECTIONS:
+        value = record[section.name]
+        if not included(prompt, section) or value is None:
+            continue
+        if section.is_list:
+            value = value[len(value) - history_items:] if history_items else []
+        parts.append(section.heading + "\n" + section.body(value))
+    parts.append("Query: " + record["query"].strip())
+    return "\n\n".join(parts)
+
+
+class PromptEncoder:
+    """Turns records into token ids and labels with the tokenizer's chat template, or Gemma's turn format when the
+    tokenizer has none (Gemma 3 270M's has none). Labels cover only the target and its <end_of_turn>."""
+
+    def __init__(self, tokenizer: Any, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
+            raise UserError(f"the tokenizer has no {END_OF_TURN} token: is model.model_name_or_path a Gemma model?")
+        self.bos_id = tokenizer.bos_token_id
+
+    def check_fixed_parts(self) -> None:
+        """The turn markers, BOS and the query label alone must leave room for a target."""
+        fixed = self.template_length() + 2  # + one target token + <end_of_turn>
+        if self.max_length < fixed:
+            raise UserError(f"training.max_length={self.max_length} is smaller than the fixed prompt parts "
+                            f"({fixed} tokens: BOS, turn markers, section labels and a one-token answer). Raise "
+                            "training.max_length (256 or more is typical).")
+
+    def template_length(self) -> int:
+        """Tokens of a prompt with no section and an empty query: BOS, turn markers and the query label."""
+        empty = {section.name: None for section in SECTIONS} | {"query": ""}
+        return len(self.prompt_ids(render_user_message(empty, PromptConfig(), 0)))
+
+    def prompt_text(self, user_message: str) -> str:
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
+            )
+        bos = self.tokenizer.bos_token or ""
+        return f"{bos}{START_OF_TURN}user\n{user_message.strip()}{END_OF_TURN}\n{START_OF_TURN}model\n"
+
+    def prompt_ids(self, user_message: str) -> list[int]:
+        ids = self.tokenizer(self.prompt_text(user_message), add_special_tokens=False)["input_ids"]
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids  # exactly one BOS, whether or not the template wrote it
+        return ids
+
+    def target_ids(self, target: str) -> list[int]:
+        return self.tokenizer(target.strip(), add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
+
+    def fitting_history(self, record: dict, target_len: int) -> int | None:
+        """How many of the most recent history items fit with the FULL prompt (every section, all history), whatever
+        the ablation: so every ablation keeps the same examples. None when even no history does not fit."""
+        fitted = self.fit_full_prompt(record, target_len)
+        return None if fitted is None else fitted[0]
+
+    def fit_full_prompt(self, record: dict, target_len: int) -> tuple[int, int] | None:
+        """(history items kept, tokens of the full-prompt example): see fitting_history."""
+        full = PromptConfig().with_every_section()
+        n = len(record["history"] or [])
+        lengths: dict[int, int] = {}
+
+        def fits(k: int) -> bool:
+            lengths[k] = len(self.prompt_ids(render_user_message(record, full, k))) + target_len
+            return lengths[k] <= self.max_length
+
+        if fits(n):
+            return n, lengths[n]
+        if not fits(0):
+            return None
+        lo, hi = 0, n  # fits(lo) and not fits(hi): binary search for the largest k that fits
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo, lengths[lo]
+
+    def section_lengths(self, record: dict, prompt: PromptConfig, history_items: int) -> dict[str, int]:
+        """Tokens each part of encode()'s example adds; "template" is BOS, turn markers and the query label."""
+        shown = dataclasses.replace(prompt, **{f"include_{s.name}": False for s in SECTIONS})
+
+        def n(with_sections: PromptConfig, rec: dict = record) -> int:
+            return len(self.prompt_ids(render_user_message(rec, with_sections, history_items)))
+
+        lengths = {"template": n(shown, {**record, "query": ""})}
+        query = previous = n(shown)
+        for section in SECTIONS:  # add the sections one at a time, as the prompt shows them
+            shown = dataclasses.replace(shown, **{f"include_{section.name}": included(prompt, section)})
+            length = n(shown)
+            lengths[section.name], previous = length - previous, length
+        return {**lengths, "query": query - lengths["template"], "target": len(self.target_ids(record["target"]))}
+
+    def encode(self, record: dict, prompt: PromptConfig, history_items: int) -> dict:
+        prompt_ids = self.prompt_ids(render_user_message(record, prompt, history_items))
+        target_ids = self.target_ids(record["target"])
+        input_ids = prompt_ids + target_ids
+        return {
+            "input_ids": input_ids,
+            "attention_mask": [1] * len(input_ids),
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
+        }
+
+
+def prompt_length(example: dict) -> int:
+    """Tokens before the first supervised one: the prompt a model answers at test time."""
+    return next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)

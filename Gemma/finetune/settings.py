@@ -1,0 +1,324 @@
+"""config.json, the ablation profile and --set overrides -> a validated Config, with every problem collected and
+reported together, each naming the file and key path. Standard library only: this runs before torch is imported.
+
+Precedence: defaults < config.json < ablation profile < --set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import Ablation, Config, PromptConfig
+from .errors import UserError
+from .gemma import check_model_directory
+
+ABLATION_DIR = Path(__file__).resolve().parents[2] / "ablation_configs"
+DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """Parse a JSON file; errors name the file, line and column."""
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found. Check the path.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}). Save the file as UTF-8.") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# JSON -> dataclasses
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null",
+            list: "a list"}.get(typing.get_origin(tp) or tp, str(tp))
+
+
+_BAD = object()  # marks a value that failed its check (None is a valid JSON null)
+
+
+def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check one JSON value against a type hint; returns the converted value, or _BAD after recording a problem."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner: list[str] = []
+        checked = _check_value(value, next(a for a in args if a is not type(None)), where, inner)
+        # "expected an integer, got ..." -> "expected an integer or null, got ..."
+        problems += [p.replace(", got ", " or null, got ", 1) if "expected" in p else p for p in inner]
+        return checked
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected an object, got {json.dumps(value)}.")
+            return _BAD
+        return build_dataclass(tp, value, where, problems)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):  # 1 is not true, nor 0 false
+            return value
+        choices = [str(a) for a in typing.get_args(tp)]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {json.dumps(close[0])}?" if close else ""
+        problems.append(f"{where}: {json.dumps(value)} is not {_type_name(tp)}.{hint}")
+        return _BAD
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {json.dumps(value)}.")
+            return _BAD
+        items = [_check_value(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return _BAD if _BAD in items else items
+    # bool is a subclass of int in Python: true must not pass as 1, nor 1 as true.
+    ok = (
+        isinstance(value, bool) if tp is bool
+        else isinstance(value, int) and not isinstance(value, bool) if tp is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
+        else isinstance(value, tp)
+    )
+    if not ok:
+        problems.append(f"{where}: expected {_type_name(tp)}, got {json.dumps(value)}.")
+        return _BAD
+    return float(value) if tp is float else value
+
+
+def _key_path(where: str, key: str) -> str:
+    """'config.json:' + 'training' -> 'config.json: training'; 'config.json: training' + 'lr' -> '...training.lr'."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
+def _unknown_keys(data: dict, known: list[str], where: str) -> list[str]:
+    problems = []
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(known)}."
+            problems.append(f"{_key_path(where, key)}: unknown key{hint}")
+    return problems
+
+
+def build_dataclass(cls: type, data: dict, where: str, problems: list[str]) -> Any:
+    """Build `cls` from a JSON object. Unknown keys (with the closest valid one), missing keys and wrong types are
+    appended to `problems` as "<file>: <key path>: ..." messages. A bad value falls back to its default so that the
+    range checks can still run and report everything at once; returns _BAD only when a required key is unusable."""
+    hints = typing.get_type_hints(cls)
+    problems += _unknown_keys(data, [f.name for f in dataclasses.fields(cls)], where)
+    kwargs, complete = {}, True
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in data:
+            if required:
+                problems.append(f"{_key_path(where, f.name)}: required key is missing.")
+                complete = False
+            continue
+        value = _check_value(data[f.name], hints[f.name], _key_path(where, f.name), problems)
+        if value is not _BAD:
+            kwargs[f.name] = value
+        elif required:
+            complete = False
+    return cls(**kwargs) if complete else _BAD
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
+    """Apply --set section.key=value (value parsed as JSON, else taken as a string) to the raw config dict."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            problems.append(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set training.max_steps=20.")
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {item}: {part} is not a section.")
+                break
+        else:
+            node[parts[-1]] = value
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Range and consistency checks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """Relative paths in config.json are relative to the directory holding config.json, so runs work from any cwd."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def local_or_hub(name: str, base: Path) -> str:
+    """A model or tokenizer location as from_pretrained takes it: the resolved local directory, or the hub id."""
+    path = resolve_path(name, base)
+    return str(path) if path.is_dir() else name
+
+
+def prompt_problems(prompt: PromptConfig, where: str) -> list[str]:
+    """Range checks of the prompt keys, wherever they were set (config.json or an ablation profile)."""
+    if prompt.max_history_items is not None and prompt.max_history_items < 0:
+        return [f"{where}max_history_items: must be >= 0, or null for all."]
+    return []
+
+
+def validate_config(cfg: Config, config_path: Path) -> list[str]:
+    """Range and consistency checks that the type system cannot express. Each message says how to fix it."""
+    where = str(config_path)
+    t, problems = cfg.training, []
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            problems.append(f"{where}: {key}: {msg}")
+
+    for key in ("max_length", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps",
+                "save_steps"):
+        need(getattr(t, key) >= 1, f"training.{key}", f"must be at least 1, got {getattr(t, key)}.")
+    need(t.learning_rate > 0, "training.learning_rate", f"must be positive, got {t.learning_rate}.")
+    need(t.max_steps is None or t.max_steps >= 1, "training.max_steps", "must be at least 1, or null to use epochs.")
+    need(t.max_steps is not None or t.num_train_epochs > 0, "training.num_train_epochs",
+         f"must be positive, got {t.num_train_epochs} (or set training.max_steps).")
+    need(0 <= t.warmup_ratio < 1, "training.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}.")
+    need(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, got {t.weight_decay}.")
+    need(t.max_grad_norm >= 0, "training.max_grad_norm", f"must be >= 0 (0 disables clipping), got {t.max_grad_norm}.")
+    need(t.save_total_limit is None or t.save_total_limit >= 1, "training.save_total_limit",
+         "must be at least 1, or null to keep every checkpoint.")
+    need(t.eval_steps is None or t.eval_steps >= 1, "training.eval_steps", "must be at least 1, or null.")
+    need(t.eval_steps is None or cfg.data.validation_file is not None, "training.eval_steps",
+         f"is {t.eval_steps} but data.validation_file is null; set a validation file or set eval_steps to null.")
+    problems += prompt_problems(cfg.prompt, f"{where}: prompt.")
+    e = cfg.evaluation
+    need(e.max_test_examples is None or e.max_test_examples >= 1, "evaluation.max_test_examples",
+         "must be at least 1, or null for the whole test file.")
+    need(e.max_new_tokens >= 1, "evaluation.max_new_tokens", f"must be at least 1, got {e.max_new_tokens}.")
+    return problems + data_file_problems(cfg, config_path) + model_problems(cfg, config_path)
+
+
+def data_file_problems(cfg: Config, config_path: Path) -> list[str]:
+    problems = []
+    for key in ("train_file", "validation_file", "test_file"):
+        value = getattr(cfg.data, key)
+        if value is None:
+            continue
+        path = resolve_path(value, config_path.parent)
+        if path.suffix.lower() not in DATA_EXTENSIONS:
+            problems.append(f"{config_path}: data.{key}: unsupported file type {path.suffix!r} ({value}); use one of "
+                            f"{', '.join(DATA_EXTENSIONS)}.")
+        elif not path.is_file():
+            problems.append(f"{config_path}: data.{key}: file not found: {path}. Fix the path (relative paths are "
+                            f"relative to the directory of {config_path.name}).")
+    return problems
+
+
+def model_problems(cfg: Config, config_path: Path) -> list[str]:
+    """A local model directory is checked now (a Gemma config.json); a hub id is checked once its config is loaded."""
+    where = f"{config_path}: model."
+    model_path = resolve_path(cfg.model.model_name_or_path, config_path.parent)
+    if model_path.is_dir():
+        problems = [f"{where}model_name_or_path: {p}" for p in check_model_directory(model_path)]
+    elif not looks_like_hub_id(cfg.model.model_name_or_path):
+        problems = [f"{where}model_name_or_path: directory not found: {model_path}. For the demo model run "
+                    "`python Gemma/prepare_gemma.py`; otherwise give a local directory or a hub id like "
+                    "google/gemma-3-270m."]
+    else:
+        problems = []
+    tokenizer = cfg.model.tokenizer_name_or_path
+    if tokenizer is not None and not resolve_path(tokenizer, config_path.parent).is_dir() \
+            and not looks_like_hub_id(tokenizer):
+        problems.append(f"{where}tokenizer_name_or_path: directory not found: "
+                        f"{resolve_path(tokenizer, config_path.parent)}. Give a directory holding tokenizer files, a "
+                        "hub id, or null to use the model's.")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ablation profiles and the whole precedence chain
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_ablation(name_or_path: str) -> tuple[str, Path]:
+    """A name in ablation_configs/ or a path to a JSON file -> (name, path)."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise UserError(f"--ablation_config: file not found: {path}.")
+        return path.stem, path
+    candidate = ABLATION_DIR / f"{name_or_path}.json"
+    if not candidate.is_file():
+        available = sorted(p.stem for p in ABLATION_DIR.glob("*.json"))
+        raise UserError(f"--ablation_config: unknown ablation {name_or_path!r}. Available in {ABLATION_DIR}: "
+                        f"{', '.join(available)} (or pass the path to a JSON file).")
+    return name_or_path, candidate
+
+
+def load_ablation(path: Path, problems: list[str], name: str | None = None) -> Ablation | None:
+    """An ablation profile: a description plus any PromptConfig keys, checked against PromptConfig's own types and
+    ranges. Only the keys that pass are kept, so a bad key is reported once, against this file."""
+    raw = read_json_file(path, "ablation profile")
+    where = f"{path}:"
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: expected a JSON object with a description and prompt keys such as include_profile.")
+        return None
+    prompt_fields = {f.name for f in dataclasses.fields(PromptConfig)}
+    found = len(problems)
+    problems += _unknown_keys(raw, ["description", *sorted(prompt_fields)], where)
+    description = raw.get("description")
+    if not isinstance(description, str):
+        problems.append(f"{where} description: " + ("required key is missing." if description is None
+                                                    else f"expected a string, got {json.dumps(description)}."))
+    hints = typing.get_type_hints(PromptConfig)
+    prompt = {}
+    for key in sorted(prompt_fields & raw.keys(), key=list(raw).index):
+        value = _check_value(raw[key], hints[key], _key_path(where, key), problems)
+        if value is not _BAD:
+            prompt[key] = value
+    if len(problems) == found:
+        problems += prompt_problems(dataclasses.replace(PromptConfig(), **prompt), f"{path}: ")
+    if len(problems) > found:
+        return None
+    return Ablation(name or path.stem, description, prompt)
+
+
+def load_settings(config_path: Path, ablation: str, overrides: list[str]) -> tuple[Config, Ablation]:
+    """defaults < config.json < ablation profile < --set, validated; every problem is reported together."""
+    raw = read_json_file(config_path, "config file")
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_path}: expected a JSON object with sections model, data, training, ...")
+    problems: list[str] = []
+    ablation_name, ablation_path = resolve_ablation(ablation)
+    profile = load_ablation(ablation_path, problems, ablation_name)
+    if profile is not None and isinstance(raw.setdefault("prompt", {}), dict):
+        raw["prompt"].update(profile.prompt)
+    problems += apply_overrides(raw, overrides)
+    cfg = build_dataclass(Config, raw, f"{config_path}:", problems)
+    if cfg is not _BAD:
+        problems += validate_config(cfg, config_path)
+    if problems:
+        raise UserError(problems)
+    return cfg, profile
