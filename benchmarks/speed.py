@@ -29,7 +29,7 @@ on_step_begin to on_step_end, i.e. without fetching and collating the batch).
 
 Also measured: padding efficiency (real / processed tokens) over one whole epoch of the demo data, with plain random
 batches and with length-grouped batches, for the tiny tokenizer and the real Gemma 3 tokenizer; and the time to
-tokenize and build the demo training split (train_deepspeed.build_split), in this process.
+tokenize and build the demo training split (finetune.data.build_split), in this process.
 --profile (about 4 more minutes) adds three variants of ours to the rotation, each pricing one cost seen in the profile
 (reduce_bucket_size=auto: transformers' hidden_size^2 bucket, one gradient reduce-scatter per h^2 elements, instead
 of the script's 5e7 floor; cpu_checkpointing=false: no save_on_cpu wrapper;
@@ -585,7 +585,7 @@ def render_report(args, ctx: dict, results: list[RunResult], runners: list[str],
             lines.append(f"| {label} | {len(ls)} | {statistics.mean(ls):.0f} / {max(ls)} "
                          f"| {padding[key]['plain']:.3f} | {padding[key]['grouped']:.3f} |")
     lines += ["", "## Data preparation (demo training split, in one process)", "",
-              "train_deepspeed.build_split: read the JSONL, check every record, fit the history into max_length, "
+              "finetune.data.build_split: read the JSONL, check every record, fit the history into max_length, "
               f"render and tokenize, mask the prompt; {args.repeats} times.", "",
               "| tokenizer | vocab | load tokenizer (s) | build_split (s) |", "|---|---|---|---|"]
     for key, label in (("real", "real Gemma 3 270M"), ("tiny", "tiny")):
