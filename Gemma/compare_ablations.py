@@ -1,8 +1,10 @@
 """Compare finished runs of Gemma/train_deepspeed.py: one table row per ablation, paired bootstrap intervals.
 
 Each RUN_DIR is an --output_dir of a finished run: it holds results.json, resolved_config.json and, when the run had a
-test file, predictions.jsonl. Runs are compared only when they saw the same examples and differ in nothing but the
-ablation; otherwise the tool lists what differs and stops (the two --allow_* flags compare them anyway).
+test file, predictions.jsonl. Paths that are no run directory (the comparison's own files, when a glob picks them up)
+are skipped with a note. Runs are compared only when they saw the same examples and differ in nothing but the
+ablation; otherwise the tool lists what differs and stops (the two --allow_* flags compare them anyway). --csv and
+--figure must end in .csv and .png and may not point into a run directory.
 
 Usage (from the repository root):
 
@@ -47,8 +49,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.comparison import (DEFAULT_REFERENCE_ABLATION, Row, Run, check_comparable, choose_reference, common_ids,
-                                 common_parent, comparison_table, load_runs)
+from finetune.comparison import (DEFAULT_REFERENCE_ABLATION, Row, Run, check_comparable, check_output_path,
+                                 choose_reference, common_ids, common_parent, comparison_table, load_runs, run_paths)
 from finetune.errors import EXIT_INTERRUPTED, UserError
 from finetune.metrics import METRICS, main_metric
 from finetune.outputs import write_atomic
@@ -204,12 +206,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def compare(args: argparse.Namespace) -> None:
     """The recipe: check the flags, load the runs, refuse incomparable ones, then table, CSV and figure."""
-    figure = args.figure or common_parent(args.run_dirs) / DEFAULT_FIGURE_NAME
-    if figure.suffix.lower() != ".png":
-        raise UserError(f"--figure {figure}: the figure is a PNG; give a path ending in .png.")
-    csv_path = args.csv or common_parent(args.run_dirs) / DEFAULT_CSV_NAME
+    run_dirs, skipped = run_paths(args.run_dirs)
+    for path in skipped:
+        logger.info("Skipped %s: not a run directory.", path)
+    if not run_dirs:
+        raise UserError("none of the paths given is a run directory (one that holds resolved_config.json).")
+    figure = args.figure or common_parent(run_dirs) / DEFAULT_FIGURE_NAME
+    csv_path = args.csv or common_parent(run_dirs) / DEFAULT_CSV_NAME
+    check_output_path(figure, ".png", "--figure")
+    check_output_path(csv_path, ".csv", "--csv")
 
-    runs = load_runs(args.run_dirs)
+    runs = load_runs(run_dirs)
     problems = check_comparable(runs, allow_different_examples=args.allow_different_examples,
                                 allow_config_differences=args.allow_config_differences)
     if problems:

@@ -52,17 +52,19 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune.config import Ablation, Config
 from finetune.deepspeed_config import load_custom_deepspeed_config
 from finetune.errors import EXIT_INTERRUPTED, UserError
-from finetune.outputs import (DRY_RUN_DIRNAME, DS_CONFIG_DIRNAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME,
-                              check_eval_only, check_output_dir, check_output_writable, clear_output_dir,
-                              deepspeed_config_filename, estimated_storage, resolve_resume, warn_if_disk_is_short,
+from finetune.outputs import (DRY_RUN_DIRNAME, DS_CONFIG_DIRNAME, IDENTITY_NAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME,
+                              RESULTS_NAME, OutputLock, PreviousRun, check_eval_only, check_output_dir,
+                              check_output_writable, check_same_test_set, deepspeed_config_filename, estimated_storage,
+                              library_versions, planned_steps, read_results, test_set_of, warn_if_disk_is_short,
                               write_atomic, write_json_atomic, write_jsonl_atomic)
+from finetune.run_identity import resume_point, run_identity
 from finetune.runtime import Runtime, configure_logging
 from finetune.settings import load_settings, local_or_hub, resolve_path
 
@@ -93,10 +95,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint directory, or 'auto' for the latest complete one in --output_dir.")
     p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start over in an --output_dir that holds a finished or unfinished run (its outputs are deleted).")
+                   help="start over in an --output_dir that holds a finished or unfinished run: its outputs are "
+                        "deleted once the new run's first step is done (kept if the new run stops before).")
+    p.add_argument("--allow_config_changes", action="store_true",
+                   help="with --resume_from_checkpoint: continue even where the settings, data or model differ from "
+                        "what the checkpoint was trained with (recorded in results.json).")
     p.add_argument("--do_eval_only", action="store_true",
                    help="no training: evaluate <output_dir>/final/ on data.test_file (loss, greedy answers, metrics) and "
                         "update results.json and predictions.jsonl. Pass the run's --config and --ablation_config.")
+    p.add_argument("--replace_test_set", action="store_true",
+                   help="with --do_eval_only: replace the test results of another test set (recorded).")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config.json value, e.g. --set training.max_steps=20 (repeatable; JSON values).")
     plan = p.add_argument_group(
@@ -118,6 +126,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{k} must be positive, got {getattr(args, k)}.")
     if args.dry_run and args.do_eval_only:
         p.error("--dry_run and --do_eval_only do not go together.")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        p.error("--overwrite_output_dir starts over and --resume_from_checkpoint continues: choose one.")
+    if args.allow_config_changes and args.resume_from_checkpoint is None:
+        p.error("--allow_config_changes applies to --resume_from_checkpoint only.")
+    if args.replace_test_set and not args.do_eval_only:
+        p.error("--replace_test_set applies to --do_eval_only only.")
     return args
 
 
@@ -135,10 +149,17 @@ class RunPlan:
     output_dir: Path
     model_path: str
     tokenizer_path: str
+    identity: dict = field(default_factory=dict)  # run_identity.json: what this run is
+    resume: str | None = None  # the checkpoint to continue from
+    resume_changes: list[str] = field(default_factory=list)  # differences from the checkpoint's identity, allowed
 
     def data_file(self, split: str) -> Path | None:
         name = getattr(self.cfg.data, f"{split}_file")
         return None if name is None else resolve_path(name, self.config_path.parent)
+
+    def test_set(self, test: Any) -> dict:
+        """Where the test metrics come from: the test file, its content hash and the ids hash of its examples."""
+        return {**self.identity["data_files"]["test"], "ids_sha256": test.stats.ids_sha256}
 
     def resolved_config(self, args: argparse.Namespace, deepspeed_file: Path) -> dict:
         """resolved_config.json: the settings after precedence, the ablation, the command line and the paths used."""
@@ -151,7 +172,8 @@ class RunPlan:
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
-    """Check config, ablation, --set, the DeepSpeed JSON and the output directory; every problem at once."""
+    """Check config, ablation, --set, the DeepSpeed JSON, the output directory and the checkpoint to resume (its
+    settings against this run's), all before anything heavy is imported; every problem at once."""
     config_path = args.config.resolve()
     cfg, ablation = load_settings(config_path, args.ablation_config, args.overrides)
     custom_ds = load_custom_deepspeed_config(args.deepspeed_config, cfg) if args.deepspeed_config else None
@@ -160,10 +182,17 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     tokenizer_path = local_or_hub(cfg.model.tokenizer_name_or_path or cfg.model.model_name_or_path, config_path.parent)
     if args.do_eval_only:
         model_path = tokenizer_path = str(check_eval_only(output_dir, cfg))  # final/ holds the run's tokenizer
-    else:
+    elif not args.dry_run:  # a dry run writes only dry_run/, beside any run
         check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-        check_output_writable(output_dir)
-    return RunPlan(cfg, config_path, ablation, custom_ds, output_dir, model_path, tokenizer_path)
+    check_output_writable(output_dir)
+    plan = RunPlan(cfg, config_path, ablation, custom_ds, output_dir, model_path, tokenizer_path)
+    files = {split: path for split in ("train", "validation", "test") if (path := plan.data_file(split))}
+    plan.identity = run_identity(cfg, ablation, files, model_path, tokenizer_path,
+                                 int(os.environ.get("WORLD_SIZE", "1")), library_versions())
+    if not (args.do_eval_only or args.dry_run):
+        plan.resume, plan.resume_changes = resume_point(args.resume_from_checkpoint, output_dir, plan.identity,
+                                                        args.allow_config_changes)
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -174,9 +203,8 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
 def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, Any, dict]:
     """Tokenizer, prompt encoder (its fixed parts checked against max_length) and the named splits that have a file,
     all before the model loads."""
-    from finetune.data import build_split
-    from finetune.prompts import PromptEncoder
-    from finetune.trainer import load_tokenizer
+    from finetune.data import build_split, overlap, overlap_problems
+    from finetune.prompts import PromptEncoder, load_tokenizer
 
     tokenizer = load_tokenizer(plan.tokenizer_path)
     encoder = PromptEncoder(tokenizer, plan.cfg.training.max_length)
@@ -189,6 +217,8 @@ def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, Any, dict]
             logger.info("%s: %d records -> %d examples (%d dropped as too long, %d with history shortened), "
                         "ids sha256 %s", name, s.records, s.examples, s.dropped_too_long, s.history_shortened,
                         s.ids_sha256[:12])
+    if (shared := overlap(splits)) and not plan.cfg.data.allow_overlap:
+        raise UserError(overlap_problems(shared))
     return tokenizer, encoder, splits
 
 
@@ -215,24 +245,27 @@ def deepspeed_config_for(plan: RunPlan, model_config: Any, split: Any, hardware:
                                      hidden_size(model_config)), memory
 
 
-def write_run_files(plan: RunPlan, args: argparse.Namespace, ds_config: dict) -> None:
-    """Rank 0: clear an overwritten run, save the DeepSpeed config used and resolved_config.json."""
+def write_run_files(plan: RunPlan, args: argparse.Namespace, ds_config: dict, previous: PreviousRun) -> None:
+    """Rank 0, once every check has passed: move a replaced run aside, then save the DeepSpeed config used,
+    resolved_config.json and run_identity.json."""
     out = plan.output_dir
-    if args.overwrite_output_dir and out.exists():
-        clear_output_dir(out)
+    previous.move_aside()
     ds_file = out / DS_CONFIG_DIRNAME / deepspeed_config_filename(args.deepspeed_config)
     write_json_atomic(ds_file, ds_config)
     resolved = plan.resolved_config(args, ds_file)
     write_json_atomic(out / RESOLVED_CONFIG_NAME, resolved)
+    write_json_atomic(out / IDENTITY_NAME, plan.identity)
     logger.info("Resolved config:\n%s", json.dumps(resolved, indent=2))
+    for change in plan.resume_changes:
+        logger.warning("Resuming %s with a change: %s", plan.resume, change)
 
 
-def write_results(output_dir: Path, results: dict, tested: tuple[dict, list[dict]] | None) -> None:
+def write_results(output_dir: Path, results: dict, tested: tuple[dict, list[dict]] | None, test_set: dict) -> None:
     """Rank 0: predictions.jsonl, then results.json (last: a run is finished when it exists)."""
     if tested is not None:
         metrics, rows = tested
         write_jsonl_atomic(output_dir / PREDICTIONS_NAME, rows)
-        results["test"] = metrics
+        results["test"] = {**metrics, "test_set": test_set}
     write_json_atomic(output_dir / RESULTS_NAME, results)
 
 
@@ -243,91 +276,130 @@ def write_results(output_dir: Path, results: dict, tested: tuple[dict, list[dict
 
 def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> Path:
     """A training run: check -> data -> DeepSpeed config -> TrainingArguments -> model -> train -> save -> evaluate."""
-    started = time.time()
-    plan = plan_run(args)
-    with Runtime.start(plan.cfg.model.dtype) as runtime:
-        from finetune import trainer as tr
-        from finetune.evaluation import run_test_evaluation
-
-        cfg, t = plan.cfg, plan.cfg.training
+    started, plan = time.time(), plan_run(args)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with (OutputLock(plan.output_dir, held_here=rank0),
+          PreviousRun(plan.output_dir, replacing=args.overwrite_output_dir and rank0) as previous):
         tokenizer, _, splits = prepare_data(plan, ("train", "validation", "test"))
-        storage = estimated_storage(Path(plan.model_path), t, len(splits["train"].ids), runtime.world_size)
-        warn_if_disk_is_short(plan.output_dir, storage)
-        model_config = tr.load_model_config(plan.model_path)
-        ds_config, memory = deepspeed_config_for(plan, model_config, splits["train"])
-        training_args = tr.build_training_arguments(cfg, plan.output_dir, ds_config, "validation" in splits, runtime)
-        if runtime.rank == 0:
-            write_run_files(plan, args, ds_config)
-        runtime.barrier()
-        runtime.warn_if_alone(training_args.world_size)
-        trainer = tr.build_trainer(cfg, plan.model_path, training_args, ds_config, tokenizer, splits, callbacks)
-        resume = resolve_resume(args.resume_from_checkpoint, plan.output_dir)
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.fault_guard.raise_if_stopped(plan.output_dir)
-        results = tr.training_results(trainer, train_result.metrics, cfg, plan.ablation, splits, memory, resume)
-        final = tr.save_final_model(trainer, plan.output_dir, runtime.rank)
-        tested = (run_test_evaluation(trainer.model, tokenizer, splits["test"], cfg, training_args.device)
-                  if "test" in splits else None)
-        if runtime.rank == 0:
-            write_results(plan.output_dir, {**results, "wall_time_s": round(time.time() - started, 1)}, tested)
-            logger.info("Done in %.0f s. Results: %s  Final model: %s", time.time() - started,
-                        plan.output_dir / RESULTS_NAME, final)
+        with Runtime.start(plan.cfg.model.dtype) as runtime:
+            from finetune import trainer as tr
+            from finetune.evaluation import run_test_evaluation
+
+            trainer, memory = build_training(plan, args, tokenizer, splits, runtime, [*callbacks, tr.OnFirstStep(
+                previous.discard, lambda: runtime.phase(None))], previous)
+            runtime.phase("starting DeepSpeed (its engine; a first run on a machine also compiles its ops)")
+            train_result = trainer.train(resume_from_checkpoint=plan.resume)
+            trainer.fault_guard.raise_if_stopped(plan.output_dir)
+            results = {**tr.training_results(trainer, train_result.metrics, plan.cfg, plan.ablation, splits, memory,
+                                             plan.resume),
+                       "resume_changes": plan.resume_changes, "data_files": plan.identity["data_files"],
+                       "model_identity": plan.identity["model"]}
+            final = tr.save_final_model(trainer, plan.output_dir, runtime.rank)
+            tested = (run_test_evaluation(trainer.model, tokenizer, splits["test"], plan.cfg, trainer.args.device)
+                      if "test" in splits else None)
+            if runtime.rank == 0:
+                test_set = {**plan.test_set(splits["test"]), "evaluated": "after training"} if tested else {}
+                write_results(plan.output_dir, {**results, "wall_time_s": round(time.time() - started, 1)}, tested,
+                              test_set)
+                logger.info("Done in %.0f s. Results: %s  Final model: %s", time.time() - started,
+                            plan.output_dir / RESULTS_NAME, final)
     return plan.output_dir
+
+
+def build_training(plan: RunPlan, args: argparse.Namespace, tokenizer: Any, splits: dict, runtime: Runtime,
+                   callbacks: Sequence[Any], previous: PreviousRun) -> tuple[Any, Any]:
+    """(Trainer with its model, memory plan): the DeepSpeed config, TrainingArguments, the last checks before the
+    model loads, then rank 0 writes the run's files (moving a replaced run aside) and the model loads."""
+    from finetune import trainer as tr
+    from finetune.preflight import check_before_loading
+
+    cfg, t = plan.cfg, plan.cfg.training
+    steps = planned_steps(t, len(splits["train"].ids), runtime.world_size)
+    warn_if_disk_is_short(plan.output_dir, estimated_storage(Path(plan.model_path), t, steps))
+    model_config = tr.load_model_config(plan.model_path)
+    ds_config, memory = deepspeed_config_for(plan, model_config, splits["train"])
+    training_args = tr.build_training_arguments(cfg, plan.output_dir, ds_config, "validation" in splits, runtime)
+    check_before_loading(cfg, ds_config, training_args, model_config, steps, args.deepspeed_config)
+    if runtime.rank == 0:
+        write_run_files(plan, args, ds_config, previous)
+    runtime.barrier()
+    runtime.warn_if_alone(training_args.world_size)
+    runtime.phase("loading the model")
+    trainer = tr.build_trainer(cfg, plan.model_path, training_args, ds_config, tokenizer, splits,
+                               [*callbacks, tr.SaveIntoCheckpoints(plan.output_dir / IDENTITY_NAME)])
+    return trainer, memory
 
 
 def evaluate_only(args: argparse.Namespace) -> Path:
     """--do_eval_only: the test-set evaluation of a finished run's final/ model, with the prompt it was trained
-    with; results.json keeps the training results and gets a new test section."""
-    started = time.time()
-    plan = plan_run(args)
-    with Runtime.start(plan.cfg.model.dtype) as runtime:
-        from finetune import trainer as tr
-        from finetune.evaluation import run_test_evaluation
-
+    with; results.json keeps the training results and gets a new test section, which says which test set it is."""
+    started, plan = time.time(), plan_run(args)
+    with OutputLock(plan.output_dir, held_here=int(os.environ.get("RANK", "0")) == 0):
         tokenizer, _, splits = prepare_data(plan, ("test",))
-        ds_config, _ = deepspeed_config_for(plan, tr.load_model_config(plan.model_path), splits["test"])
-        training_args = tr.build_training_arguments(plan.cfg, plan.output_dir, ds_config, False, runtime)
-        trainer = tr.build_trainer(plan.cfg, plan.model_path, training_args, ds_config, tokenizer, {})
-        # The Trainer builds the DeepSpeed inference engine on its first evaluation; one example per rank suffices.
-        trainer.evaluate(tr.as_dataset(splits["test"].examples[:training_args.world_size]))
-        tested = run_test_evaluation(trainer.model, tokenizer, splits["test"], plan.cfg, training_args.device)
-        if runtime.rank == 0:
-            existing = plan.output_dir / RESULTS_NAME
-            previous = json.loads(existing.read_text(encoding="utf-8")) if existing.is_file() else {}
-            write_results(plan.output_dir, previous, tested)
-            logger.info("Done in %.0f s. Results: %s", time.time() - started, existing)
+        test = splits["test"]
+        test_set = {**plan.test_set(test), "evaluated": f"--do_eval_only, {time.strftime('%Y-%m-%d %H:%M')}"}
+        check_same_test_set(plan.output_dir, test_set, args.replace_test_set)
+        with Runtime.start(plan.cfg.model.dtype) as runtime:
+            from finetune import trainer as tr
+            from finetune.evaluation import run_test_evaluation
+            from finetune.preflight import check_before_loading
+
+            model_config = tr.load_model_config(plan.model_path)
+            ds_config, _ = deepspeed_config_for(plan, model_config, test)
+            training_args = tr.build_training_arguments(plan.cfg, plan.output_dir, ds_config, False, runtime)
+            check_before_loading(plan.cfg, ds_config, training_args, model_config, 1, args.deepspeed_config)
+            runtime.phase("loading the model")
+            trainer = tr.build_trainer(plan.cfg, plan.model_path, training_args, ds_config, tokenizer, {})
+            runtime.phase("starting DeepSpeed (its engine; a first run on a machine also compiles its ops)")
+            # The Trainer builds the DeepSpeed inference engine on its first evaluation; one example per rank does.
+            trainer.evaluate(tr.as_dataset(test.examples[:training_args.world_size]))
+            runtime.phase(None)
+            tested = run_test_evaluation(trainer.model, tokenizer, test, plan.cfg, training_args.device)
+            if runtime.rank == 0:
+                results = read_results(plan.output_dir)
+                if (replaced := test_set_of(results)) and replaced.get("ids_sha256") != test_set["ids_sha256"]:
+                    test_set["replaced"] = replaced  # --replace_test_set: what these results replace
+                results.setdefault("examples", {})["test"] = dataclasses.asdict(test.stats)
+                write_results(plan.output_dir, results, tested, test_set)
+                logger.info("Done in %.0f s. Results: %s", time.time() - started, plan.output_dir / RESULTS_NAME)
     return plan.output_dir
 
 
 def dry_run(args: argparse.Namespace) -> Path:
     """--dry_run, on rank 0: every check and build a run does before the model loads, plus the memory plan, as a
-    report. No weights, no training, no checkpoint."""
+    report. No weights, no training, no checkpoint; only <output_dir>/dry_run/ is written."""
     plan = plan_run(args)
-    from finetune.batching import epoch_padding_efficiency
-    from finetune.dry_run import dry_run_report, first_example
-    from finetune.memory_plan import detect_hardware, memory_plan_summary
-    from finetune.trainer import load_model_config
+    with OutputLock(plan.output_dir):
+        from finetune.batching import epoch_padding_efficiency
+        from finetune.dry_run import dry_run_report, first_example
+        from finetune.memory_plan import detect_hardware, memory_plan_summary
+        from finetune.preflight import check_before_loading, trainer_arguments_like
+        from finetune.trainer import load_model_config
 
-    cfg, t = plan.cfg, plan.cfg.training
-    _, encoder, splits = prepare_data(plan, ("train", "validation", "test"))
-    hardware = detect_hardware(*(getattr(args, k) for k in HARDWARE_FLAGS))
-    ds_config, memory = deepspeed_config_for(plan, load_model_config(plan.model_path), splits["train"], hardware)
-    gpus = hardware.gpus_per_node * hardware.nodes
-    padding = epoch_padding_efficiency(splits["train"], t.batch_size, t.global_batch(gpus), t.seed)
-    example = first_example(encoder, splits["train"], cfg)
-    out = plan.output_dir / DRY_RUN_DIRNAME
-    ds_file = out / deepspeed_config_filename(args.deepspeed_config)
-    resolved = plan.resolved_config(args, ds_file)
-    report = dry_run_report(cfg, plan.config_path.name, plan.ablation.name, plan.model_path, splits, example, memory,
-                            ds_config, resolved, padding, custom_deepspeed=plan.custom_ds is not None)
-    write_json_atomic(ds_file, ds_config)
-    write_json_atomic(out / RESOLVED_CONFIG_NAME, resolved)
-    write_json_atomic(out / "plan.json", {
-        "memory": memory_plan_summary(memory), "examples": {k: dataclasses.asdict(s.stats) for k, s in splits.items()},
-        "example": example, "padding_efficiency": padding, "effective_batch_size": t.global_batch(gpus)})
-    write_atomic(out / "report.md", report)
-    print(report, flush=True)
-    logger.info("Dry run report: %s", out / "report.md")
+        cfg, t = plan.cfg, plan.cfg.training
+        _, encoder, splits = prepare_data(plan, ("train", "validation", "test"))
+        hardware = detect_hardware(*(getattr(args, k) for k in HARDWARE_FLAGS))
+        model_config = load_model_config(plan.model_path)
+        ds_config, memory = deepspeed_config_for(plan, model_config, splits["train"], hardware)
+        gpus = hardware.gpus_per_node * hardware.nodes
+        check_before_loading(cfg, ds_config, trainer_arguments_like(cfg, gpus), model_config,
+                             planned_steps(t, len(splits["train"].ids), gpus), args.deepspeed_config)
+        padding = epoch_padding_efficiency(splits["train"], t.batch_size, t.global_batch(gpus), t.seed)
+        example = first_example(encoder, splits["train"], cfg)
+        out = plan.output_dir / DRY_RUN_DIRNAME
+        ds_file = out / deepspeed_config_filename(args.deepspeed_config)
+        resolved = plan.resolved_config(args, ds_file)
+        report = dry_run_report(cfg, plan.config_path.name, plan.ablation.name, plan.model_path, splits, example,
+                                memory, ds_config, resolved, padding, custom_deepspeed=plan.custom_ds is not None)
+        write_json_atomic(ds_file, ds_config)
+        write_json_atomic(out / RESOLVED_CONFIG_NAME, resolved)
+        write_json_atomic(out / "plan.json", {
+            "memory": memory_plan_summary(memory),
+            "examples": {k: dataclasses.asdict(s.stats) for k, s in splits.items()},
+            "example": example, "padding_efficiency": padding, "effective_batch_size": t.global_batch(gpus)})
+        write_atomic(out / "report.md", report)
+        print(report, flush=True)
+        logger.info("Dry run report: %s", out / "report.md")
     return out
 
 
@@ -350,6 +422,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()) -> in
             print("error: " + "\n       ".join(e.problems), file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
+        if rank == 0:
+            print("error: interrupted (Ctrl-C); nothing was saved after the last checkpoint.", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

@@ -16,14 +16,12 @@ if str(GEMMA_DIR) not in sys.path:
     sys.path.insert(0, str(GEMMA_DIR))
 
 from finetune.data import build_split  # noqa: E402
-from finetune.prompts import IGNORE_INDEX, PromptEncoder  # noqa: E402,F401  (IGNORE_INDEX: for the runners)
+from finetune.prompts import IGNORE_INDEX, PromptEncoder, load_tokenizer  # noqa: E402,F401  (IGNORE_INDEX: runners)
 from finetune.settings import load_settings, resolve_path  # noqa: E402
 
 
 def load_train_examples(config_path: Path, ablation: str = "profile_and_history"):
     """(examples, tokenizer, cfg, model_path) for config_path's train_file under the given ablation profile."""
-    from finetune.trainer import load_tokenizer  # torch: only once the caller has set its process up
-
     cfg, _ = load_settings(config_path.resolve(), ablation, [])
     model_path = str(resolve_path(cfg.model.model_name_or_path, config_path.resolve().parent))
     tokenizer = load_tokenizer(model_path)

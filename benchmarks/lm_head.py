@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.batching import SupervisedPositionsCollator
     from finetune.config import FieldNames, PromptConfig
     from finetune.data import read_records
-    from finetune.prompts import PromptEncoder
-    from finetune.trainer import load_tokenizer
+    from finetune.prompts import PromptEncoder, load_tokenizer
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)

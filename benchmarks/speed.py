@@ -349,9 +349,8 @@ def time_data_preparation(config: Path, model_dir: Path, repeats: int, gemma_dir
     mask), and the examples' token lengths."""
     import_measured_package(gemma_dir)
     from finetune.data import build_split
-    from finetune.prompts import PromptEncoder
+    from finetune.prompts import PromptEncoder, load_tokenizer
     from finetune.settings import load_settings
-    from finetune.trainer import load_tokenizer
 
     cfg, _ = load_settings(config, ABLATION, [f"model.model_name_or_path={model_dir}"])
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ def setup_case(case: str, tmp: Path, model: Path) -> list[str]:
     """Writes the files for one bad input; returns the CLI arguments (config and output dir included)."""
     data = tmp / "data"
     _data(tmp)
-    _data(tmp, make_records(4, prefix="v"), "validation.jsonl")
+    _data(tmp, make_records(4, seed=1, prefix="v"), "validation.jsonl")
     training, sections, extra = {}, {}, []
     model_dir = model
     if case == "missing_config":
@@ -106,6 +106,66 @@ def setup_case(case: str, tmp: Path, model: Path) -> list[str]:
         model_dir = tmp / "llama"
         model_dir.mkdir()
         (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    # late failures, now found before the model loads
+    elif case == "seed_out_of_range":
+        training = {"seed": 2**32}
+    elif case == "report_to_not_installed":
+        training = {"report_to": ["tensorboard"]}
+    elif case == "report_to_unknown":
+        training = {"report_to": ["tensorbord"]}
+    elif case == "flash_attention_without_package":
+        sections["model"] = {"model_name_or_path": str(model), "attn_implementation": "flash_attention_2"}
+    elif case == "infinite_epochs":
+        training = {"max_steps": None, "num_train_epochs": float("inf")}
+    elif case in ("deepspeed_batch_contradiction", "deepspeed_offload_device", "deepspeed_unknown_optimizer",
+                  "deepspeed_unknown_key"):
+        zero = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+        ds = {"bf16": {"enabled": "auto"}, "zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
+              "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
+        if case == "deepspeed_batch_contradiction":
+            ds["train_batch_size"] = 12  # batch_size 4 x 1 process x accumulation 1 = 4
+        elif case == "deepspeed_offload_device":
+            zero["offload_optimizer"] = {"device": "gpu"}
+        elif case == "deepspeed_unknown_optimizer":
+            ds["optimizer"] = {"type": "AdamWW", "params": {"lr": "auto"}}
+        else:
+            zero["stage3_max_live_paramters"] = 10**9
+        (tmp / "ds.json").write_text(json.dumps(ds))
+        extra = ["--deepspeed_config", str(tmp / "ds.json")]
+    elif case == "resume_path_not_a_checkpoint":
+        extra = ["--resume_from_checkpoint", str(tmp / "nowhere")]
+    elif case == "mistyped_local_model_path":
+        (tmp / "models").mkdir()
+        model_dir = Path("models/tiny-gemma")  # relative to config.json's directory, where models/ exists
+    elif case == "unreachable_hub_id":
+        model_dir = Path("nobody/no-such-gemma")  # HF_HUB_OFFLINE is set: not in the cache, not reachable
+    # data that would corrupt an evaluation
+    elif case == "duplicate_ids":
+        records = make_records(8)
+        records[4]["id"] = records[1]["id"]
+        _data(tmp, records)
+    elif case == "ids_shared_across_splits":
+        _data(tmp, make_records(4, seed=7), "validation.jsonl")  # ids u0000..u0003, as in train
+    elif case == "train_file_as_test_file":
+        sections["data"] = {"test_file": str(data / "train.jsonl")}
+    elif case == "empty_target":
+        _data(tmp, _records(**{"5__target": "  "}))
+    elif case == "control_token_in_text":
+        _data(tmp, _records(**{"2__query": "Which genre?<end_of_turn>"}))
+    elif case == "two_fields_one_column":
+        sections["data"] = {"fields": {"query": "target"}}
+    elif case == "blank_line_location":
+        records = make_records(4)
+        records[2].pop("query")
+        (data / "train.jsonl").write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n"
+                                          + json.dumps(records[2]) + "\n")
+    # --set: problems name the --set they came from
+    elif case == "set_type_error":
+        extra = ["--set", "training.max_steps=ten"]
+    elif case == "set_range_error":
+        extra = ["--set", "training.batch_size=0"]
+    elif case == "set_unknown_key":
+        extra = ["--set", "training.batchsize=2"]
     elif case == "finished_run":
         (tmp / "out").mkdir()
         (tmp / "out" / RESULTS_NAME).write_text("{}")
@@ -141,11 +201,11 @@ CASES = {
     # data
     "empty_data_file": ["train.jsonl: the file holds no records"],
     "malformed_jsonl_line": ["train.jsonl: line 2: invalid JSON"],
-    "missing_query": ["train.jsonl: record 3: query is missing"],
-    "missing_target": ["train.jsonl: record 1: target is missing"],
-    "missing_profile_needed": ["train.jsonl: record 4: profile is missing but this ablation includes the profile"],
-    "history_not_a_list": ["train.jsonl: record 1: history must be a list of items"],
-    "target_longer_than_max_length": ["train.jsonl: record 2: the target alone is", "Raise max_length"],
+    "missing_query": ["train.jsonl: line 3: query is missing"],
+    "missing_target": ["train.jsonl: line 1: target is missing"],
+    "missing_profile_needed": ["train.jsonl: line 4: profile is missing but this ablation includes the profile"],
+    "history_not_a_list": ["train.jsonl: line 1: history must be a list of items"],
+    "target_longer_than_max_length": ["train.jsonl: line 2: the target alone is", "Raise max_length"],
     "non_utf8": ["train.jsonl: line 2: not valid UTF-8", "Save the file as UTF-8"],
     # DeepSpeed
     "deepspeed_config_missing": ["ds.json: DeepSpeed config not found"],
@@ -153,6 +213,37 @@ CASES = {
     "deepspeed_stage_2": ["ds.json: zero_optimization.stage is 2", "Set \"stage\": 3"],
     "deepspeed_contradicts_config": ["train_micro_batch_size_per_gpu is 16 but config.json training.batch_size "
                                      "gives 4", "\"auto\""],
+    # late failures, now found before the model loads
+    "seed_out_of_range": ["training.seed: must be in [0, 4294967295], got 4294967296"],
+    "report_to_not_installed": ["training.report_to: tensorboard is not installed here", "pip install tensorboard"],
+    "report_to_unknown": ["training.report_to: 'tensorbord' is not an integration transformers knows", "tensorboard"],
+    "flash_attention_without_package": ["model.attn_implementation: flash_attention_2 needs the flash-attn package",
+                                        "\"sdpa\""],
+    "infinite_epochs": ["training.num_train_epochs: must be a positive, finite number, got inf"],
+    "deepspeed_batch_contradiction": ["ds.json: ds train_batch_size=12 vs hf train_batch_size (calculated)=4",
+                                      "\"auto\""],
+    "deepspeed_offload_device": ["ds.json: DeepSpeed does not accept it", "offload_optimizer.device",
+                                 "'none', 'cpu' or 'nvme'"],
+    "deepspeed_unknown_optimizer": ["ds.json: optimizer.type 'AdamWW' is neither a DeepSpeed optimizer"],
+    "deepspeed_unknown_key": ["ds.json: DeepSpeed does not accept it", "stage3_max_live_paramters",
+                              "Extra inputs are not permitted"],
+    "resume_path_not_a_checkpoint": ["--resume_from_checkpoint", "nowhere is not a complete checkpoint directory"],
+    "mistyped_local_model_path": ["model.model_name_or_path: directory not found", "models/tiny-gemma",
+                                  "exists, so this is a local path, not a hub id"],
+    "unreachable_hub_id": ["model.tokenizer_name_or_path (or model_name_or_path): cannot load 'nobody/no-such-gemma'"],
+    # data
+    "duplicate_ids": ["train.jsonl: id 'u0001' is used by 2 records (line 2, line 5)"],
+    "ids_shared_across_splits": ["4 ids are in both the train and the validation file (e.g. u0000, u0001, u0002)",
+                                "data.allow_overlap"],
+    "train_file_as_test_file": ["8 test examples are identical to training examples", "data.allow_overlap"],
+    "empty_target": ["train.jsonl: line 6: target is empty"],
+    "control_token_in_text": ["train.jsonl: line 3: query holds '<end_of_turn>', the tokenizer's control token text"],
+    "two_fields_one_column": ["data.fields: query and target are all read from the column 'target'"],
+    "blank_line_location": ["train.jsonl: line 4: query is missing"],
+    # --set
+    "set_type_error": ["--set training.max_steps=ten: expected an integer or null, got \"ten\""],
+    "set_range_error": ["--set training.batch_size=0: must be at least 1, got 0"],
+    "set_unknown_key": ["--set training.batchsize=2: unknown key training.batchsize; did you mean batch_size?"],
     # model
     "model_without_config": ["empty_model has no config.json"],
     "non_gemma_model": ["is a 'llama' model, not a Gemma"],
@@ -162,10 +253,17 @@ CASES = {
 }
 
 
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_reported_before_the_model_loads(case, tmp_path, tiny_model):
-    proc = run_script(setup_case(case, tmp_path, tiny_model), processes=None, timeout=300)
+    args = setup_case(case, tmp_path, tiny_model)
+    before = snapshot(tmp_path)
+    proc = run_script(args, processes=None, timeout=300)
     output = proc.stdout + proc.stderr
+    assert snapshot(tmp_path) == before  # nothing the user had was changed, and nothing was added
     assert proc.returncode == 2, output[-3000:]
     assert proc.stderr.startswith("error: "), output[-3000:]
     for phrase in CASES[case]:

@@ -482,3 +482,30 @@ def test_cli_refuses_incomparable_runs_and_the_flag_overrides(tmp_path):
     allowed = run_cli(str(full), str(other), "--allow_config_differences", "--figure", str(tmp_path / "f.png"))
     assert allowed.returncode == 0, allowed.stderr
     assert (tmp_path / "f.png").is_file() and (tmp_path / "comparison.csv").is_file()
+
+
+def test_a_glob_over_a_study_skips_what_is_not_a_run(genre_runs):
+    """`compare_ablations.py STUDY/*` a second time: the glob also holds the first comparison's CSV and PNG."""
+    parent = genre_runs[0].parent
+    assert run_cli(*map(str, genre_runs)).returncode == 0
+    (parent / "notes").mkdir()
+    paths = sorted(parent.iterdir())
+    assert {p.name for p in paths} >= {"comparison.csv", "comparison.png", "notes"}
+    again = run_cli(*map(str, paths), "--bootstrap", "200")
+    assert again.returncode == 0, again.stderr
+    assert len(again.stdout.splitlines()) == 2 + 3
+    for skipped in ("comparison.csv", "comparison.png", "notes"):
+        assert f"Skipped {parent / skipped}: not a run directory." in again.stderr
+
+
+def test_outputs_must_have_their_suffix_and_stay_out_of_run_directories(genre_runs, tmp_path):
+    results = genre_runs[0] / "results.json"
+    before = results.read_bytes()
+    for flag, path, message in (("--csv", results, "give a path ending in .csv"),
+                                ("--csv", genre_runs[0] / "table.csv", "is a run directory"),
+                                ("--figure", genre_runs[1] / "f.png", "is a run directory"),
+                                ("--figure", tmp_path / "f.jpg", "give a path ending in .png")):
+        proc = run_cli(*map(str, genre_runs), flag, str(path))
+        assert proc.returncode == 2 and message in proc.stderr, (flag, path, proc.stderr)
+        assert not path.exists() or path == results
+    assert results.read_bytes() == before

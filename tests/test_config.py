@@ -11,7 +11,7 @@ from conftest import REPO, make_records, run_script, write_config, write_jsonl
 from finetune.config import Config
 from finetune.errors import UserError
 from finetune.outputs import (DS_CONFIG_DIRNAME, FINAL_DIRNAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME,
-                              check_output_dir, clear_output_dir)
+                              PreviousRun, check_output_dir)
 from finetune.settings import (ABLATION_DIR, build_dataclass, load_ablation, load_settings, resolve_ablation,
                                resolve_path)
 
@@ -34,7 +34,8 @@ def test_shipped_config_and_every_ablation_profile_validate(monkeypatch):
         profile = load_ablation(ABLATION_DIR / f"{name}.json", problems)
         assert problems == [], problems
         assert profile.description.strip()
-        assert set(profile.prompt) == {"include_profile", "include_history", "max_history_items"}
+        # a profile states only the keys it sets: config.json's prompt.max_history_items stays in force
+        assert set(profile.prompt) == {"include_profile", "include_history"}
 
 
 def test_ablation_profiles_set_the_sections(tiny_model, data_dir, tmp_path):
@@ -228,6 +229,16 @@ def test_overwrite_clears_every_output_of_the_previous_run_and_nothing_else(tmp_
     (out / DS_CONFIG_DIRNAME).mkdir()
     for name in (RESULTS_NAME, RESOLVED_CONFIG_NAME, PREDICTIONS_NAME, "my_notes.txt"):
         (out / name).write_text("{}")
-    clear_output_dir(out)
+    previous = PreviousRun(out, replacing=True)
+    previous.move_aside()
+    assert sorted(p.name for p in out.iterdir()) == [previous.aside.name, "my_notes.txt"]
+    previous.discard()
     # predictions.jsonl of the old run must not be read as the new run's
     assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt"]
+
+
+def test_shipped_profiles_leave_the_other_prompt_keys_to_config_json(tiny_model, data_dir, tmp_path):
+    config = write_config(tmp_path / "config.json", tiny_model, data_dir, prompt={"max_history_items": 2})
+    for name in ("profile_and_history", "profile_only", "history_only", "query_only"):
+        cfg, _ = load_settings(config, name, [])
+        assert cfg.prompt.max_history_items == 2, name

@@ -133,7 +133,7 @@ def test_a_target_longer_than_max_length_is_an_error(tiny_tokenizer, tmp_path):
     records[1]["target"] = "word " * 300
     path = write_jsonl(tmp_path / "train.jsonl", records)
     cfg = Config(model=ModelConfig("x"), data=DataConfig(str(path)))
-    with pytest.raises(UserError, match=r"train.jsonl: record 2: the target alone is \d+ tokens"):
+    with pytest.raises(UserError, match=r"train.jsonl: line 2: the target alone is \d+ tokens"):
         build_split(path, "train", cfg, PromptEncoder(tiny_tokenizer, 128))
 
 
@@ -146,18 +146,18 @@ def test_record_problems_name_the_file_and_record(tiny_tokenizer, tmp_path):
     # Written by hand: datasets needs one type per column, so the bad types go in records of their own files.
     path.write_text("".join(json.dumps(r) + "\n" for r in records[:1] + records[2:3]))
     cfg = Config(model=ModelConfig("x"), data=DataConfig(str(path)))
-    with pytest.raises(UserError, match=r"train.jsonl: record 1: query is missing"):
+    with pytest.raises(UserError, match=r"train.jsonl: line 1: query is missing"):
         build_split(path, "train", cfg, PromptEncoder(tiny_tokenizer, 256))
     for bad, message in ((records[1], "history must be a list"), (records[3], "target must be a string")):
-        problems = check_record(dict(bad), 6, path, PromptConfig())
+        problems = check_record(dict(bad), f"{path}: record 7", PromptConfig())
         assert len(problems) == 1 and problems[0].startswith(f"{path}: record 7: {message}")
 
 
 def test_fields_the_ablation_does_not_use_may_be_missing(tmp_path):
     rec = {"id": "a", "profile": None, "history": None, "query": "q", "target": "t"}
     path = tmp_path / "x.jsonl"
-    assert check_record(rec, 0, path, prompt_for("query_only")) == []
-    problems = check_record(rec, 0, path, prompt_for("profile_and_history"))
+    assert check_record(rec, f"{path}: record 1", prompt_for("query_only")) == []
+    problems = check_record(rec, f"{path}: record 1", prompt_for("profile_and_history"))
     assert [p.split(": ", 2)[2] for p in problems] == [
         "profile is missing but this ablation includes the profile.",
         "history is missing but this ablation includes the history.",
@@ -201,3 +201,15 @@ def test_csv_parquet_and_renamed_fields_read_the_same_records(tmp_path):
         got = read_records(path, fields)
         # Arrow may order struct keys differently; compare content.
         assert [json.dumps(r, sort_keys=True) for r in got] == [json.dumps(r, sort_keys=True) for r in expected], path
+
+
+def test_numeric_targets_are_read_as_the_text_the_model_writes(tmp_path):
+    """A rating as target: in CSV every cell is text ("4" stays "4", "007" stays "007"), and a JSON number becomes its
+    text, so the numeric metrics (MAE, RMSE) see the documented numeric case."""
+    rows = [{"id": "007", "query": "Rate it 1-5.", "target": 4}, {"id": "8", "query": "Rate it.", "target": 3.5}]
+    jsonl = write_jsonl(tmp_path / "ratings.jsonl", rows)
+    csv = tmp_path / "ratings.csv"
+    csv.write_text('id,query,target\n007,Rate it 1-5.,4\n8,"Rate it.","3.5"\n')
+    for path in (jsonl, csv):
+        records = read_records(path, FieldNames())
+        assert [(r["id"], r["target"]) for r in records] == [("007", "4"), ("8", "3.5")], path

@@ -239,7 +239,8 @@ def test_real_gemma_3_270m_trains_a_few_steps(tmp_path):
         "--config", str(REPO / "config.json"), "--output_dir", str(out),
         "--set", "training.max_steps=3", "--set", "training.batch_size=2", "--set", "training.max_length=160",
         "--set", "training.logging_steps=1", "--set", "training.eval_steps=null", "--set", "training.save_steps=100",
-        "--set", "data.validation_file=null",
+        "--set", "data.validation_file=null", "--set", "evaluation.max_test_examples=8",
+        "--set", "evaluation.max_new_tokens=4",
     ], timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = read(out / RESULTS_NAME)
@@ -250,6 +251,7 @@ def test_real_gemma_3_270m_trains_a_few_steps(tmp_path):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(out / FINAL_DIRNAME).model_type == "gemma3_text"
+    assert results["test"]["generated"] == 8 and results["test"]["examples"] == 200
 
 
 def test_main_takes_extra_trainer_callbacks(tiny_model, data_dir, tmp_path):

@@ -13,8 +13,8 @@ from finetune.data import read_records
 from finetune.memory_plan import (GIB, Hardware, ModelShape, activation_bytes, choose_offload, model_shape,
                                   model_states_bytes, plan_memory)
 from finetune.outputs import DRY_RUN_DIRNAME, GENERATED_DS_CONFIG_NAME, RESOLVED_CONFIG_NAME
-from finetune.prompts import IGNORE_INDEX, PromptEncoder
-from finetune.trainer import load_model_config, load_tokenizer
+from finetune.prompts import IGNORE_INDEX, PromptEncoder, load_tokenizer
+from finetune.trainer import load_model_config
 
 GEMMA2_27B = REPO / "benchmarks" / "dry_run" / "gemma-2-27b"
 

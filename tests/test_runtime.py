@@ -36,3 +36,51 @@ def test_the_process_group_is_closed_whatever_ends_the_run(ending):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "initialized after False" in proc.stdout
     assert ("raised" in proc.stdout) == (ending != "none")
+
+
+def test_stale_build_locks_are_cleared_and_live_ones_kept(tmp_path):
+    """A build of a DeepSpeed op killed half-way leaves <cache>/<op>/lock, on which every later run would wait
+    forever. A lock whose builder is gone (no process works in its directory) and that is not brand new is removed;
+    a new one, or one with a live builder, stays."""
+    import os
+    import time
+
+    from finetune.deepspeed_ops import FRESH_LOCK_SECONDS, clear_stale_build_locks, describe_waits
+
+    old = time.time() - FRESH_LOCK_SECONDS - 5
+    locks = {}
+    for op in ("cpu_adam", "fused_adam", "deepspeed_shm_comm"):
+        (tmp_path / op).mkdir()
+        locks[op] = tmp_path / op / "lock"
+        locks[op].touch()
+    os.utime(locks["cpu_adam"], (old, old))  # killed long ago
+    os.utime(locks["deepspeed_shm_comm"], (old, old))  # old, but its builder is at work
+    builder = subprocess.Popen(["sleep", "60"], cwd=tmp_path / "deepspeed_shm_comm")
+    try:
+        assert clear_stale_build_locks(tmp_path) == [locks["cpu_adam"]]
+        assert not locks["cpu_adam"].exists() and locks["fused_adam"].exists() and locks["deepspeed_shm_comm"].exists()
+        waits = describe_waits(tmp_path)
+        assert f"deepspeed_shm_comm (build lock {locks['deepspeed_shm_comm']}, process {builder.pid})" in waits
+    finally:
+        builder.kill()
+
+
+def test_a_long_start_up_says_what_it_waits_for(monkeypatch, caplog):
+    import logging
+    import time
+
+    from finetune import runtime
+
+    monkeypatch.setattr(runtime, "STARTUP_REPORT_SECONDS", 0.1)
+    watch = runtime.StartupWatch()
+    watch.start()
+    watch.enter("loading the model")
+    with caplog.at_level(logging.WARNING, logger="finetune.runtime"):
+        time.sleep(0.35)
+        watch.enter(None)  # training has begun: no more reports
+        time.sleep(0.15)
+        count = len(caplog.records)
+        time.sleep(0.3)
+    watch.stop()
+    assert caplog.records and all(r.getMessage().startswith("Still loading the model after") for r in caplog.records)
+    assert len(caplog.records) == count

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from conftest import make_records  # noqa: E402
 from finetune.batching import SupervisedPositionsCollator  # noqa: E402
 from finetune.config import PromptConfig  # noqa: E402
+from finetune.deepspeed_ops import use_environment_cache  # noqa: E402
 from finetune.prompts import PromptEncoder  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
@@ -29,6 +30,7 @@ from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 def main() -> None:
     model_dir = sys.argv[1]
+    use_environment_cache()  # DeepSpeed's ops as setup.sh built them
     deepspeed.init_distributed(dist_backend="gloo")
     ds_config = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1,
                  "zero_allow_untested_optimizer": True,

@@ -16,7 +16,7 @@ import numpy as np
 from .bootstrap import paired_bootstrap
 from .errors import UserError
 from .metrics import MAE, METRICS, Metric
-from .outputs import PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME
+from .outputs import IDENTITY_NAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME
 
 DEFAULT_REFERENCE_ABLATION = "profile_and_history"  # the full prompt: every other ablation removes something from it
 # resolved_config.json keys that may differ between the runs of one ablation study (a key covers everything below it)
@@ -174,6 +174,33 @@ def load_run(run_dir: Path) -> Run:
 def common_parent(paths: Sequence[Path]) -> Path:
     """The deepest directory holding every run directory (for sibling runs: their parent)."""
     return Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
+
+
+def is_run_directory(path: Path) -> bool:
+    """A directory a run of train_deepspeed.py wrote into (finished or not)."""
+    return path.is_dir() and any((path / name).exists() for name in (RESOLVED_CONFIG_NAME, RESULTS_NAME,
+                                                                        IDENTITY_NAME))
+
+
+def run_paths(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(run directories, skipped): a shell glob like Gemma/outputs/study/* also picks up the comparison's own files
+    and unrelated directories, which are skipped; a path that does not exist is an error (a typo)."""
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise UserError(f"{missing[0]}: no such run directory.")
+    runs = [p for p in paths if is_run_directory(p)]
+    return runs, [p for p in paths if p not in runs]
+
+
+def check_output_path(path: Path, suffix: str, flag: str) -> None:
+    """An output of the comparison must have its type's suffix and must not land in a run directory, where it could
+    replace a run's own files (results.json, ...)."""
+    if path.suffix.lower() != suffix:
+        raise UserError(f"{flag} {path}: give a path ending in {suffix}.")
+    for directory in path.resolve().parents:
+        if is_run_directory(directory):
+            raise UserError(f"{flag} {path}: {directory} is a run directory; write the comparison beside the runs, "
+                            "not into one.")
 
 
 def load_runs(run_dirs: Sequence[Path]) -> list[Run]:

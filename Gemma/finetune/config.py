@@ -43,6 +43,9 @@ class DataConfig:
     validation_file: str | None = None
     test_file: str | None = None
     fields: FieldNames = field(default_factory=FieldNames)
+    # An id in two files, or a train example identical to a validation or test one (profile, history, query and
+    # target), makes the evaluation measure memory: such data is refused unless this is true (recorded in results.json).
+    allow_overlap: bool = False
 
 
 @dataclass

@@ -6,6 +6,7 @@ items they keep, is decided on the full prompt (prompts.PromptEncoder.fit_full_p
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -23,14 +24,19 @@ RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(FieldNames))
 
 
 def read_records(path: Path, fields: FieldNames) -> list[dict]:
-    """Read a JSONL/JSON/CSV/Parquet file through `datasets` and return plain dicts keyed by the canonical names."""
+    """Read a JSONL/JSON/CSV/Parquet file through `datasets` and return plain dicts keyed by the canonical names.
+    A number as target (a rating) becomes its text, as the model writes it: 4 (or 4.0) -> "4", 3.5 -> "3.5". CSV
+    cells are all read as text ("4" stays "4", not 4.0), and profile / history cells that hold JSON objects or lists
+    are decoded."""
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors are re-explained below, once
     builder = DATA_EXTENSIONS[path.suffix.lower()]
     if builder != "parquet" and path.stat().st_size < 4096 and not path.read_bytes().strip():
         raise UserError(f"{path}: the file holds no records.")  # datasets' own error for this is cryptic
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+        features = _csv_as_text(path) if builder == "csv" else None
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True,
+                                   features=features)
         rows = ds.to_list()  # Arrow defers some decoding (invalid UTF-8) to here
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the file and the line
         raise UserError(_explain_unreadable(path, e)) from None
@@ -38,8 +44,11 @@ def read_records(path: Path, fields: FieldNames) -> list[dict]:
         raise UserError(f"{path}: the file holds no records.")
     rename = {getattr(fields, name): name for name in RECORD_FIELDS}
     records = [{canon: row.get(col) for col, canon in rename.items()} for row in rows]
-    if builder == "csv":  # CSV cells are text: the sections may hold JSON objects and lists
-        for rec in records:
+    for rec in records:
+        target = rec["target"]
+        if isinstance(target, (int, float)) and not isinstance(target, bool):  # Arrow may have made 4 into 4.0
+            rec["target"] = str(int(target)) if float(target).is_integer() else repr(float(target))
+        if builder == "csv":
             for key in (section.name for section in SECTIONS):
                 if isinstance(rec[key], str) and rec[key].lstrip()[:1] in ("{", "["):
                     try:
@@ -47,6 +56,23 @@ def read_records(path: Path, fields: FieldNames) -> list[dict]:
                     except json.JSONDecodeError:
                         pass
     return records
+
+
+def _csv_as_text(path: Path) -> datasets.Features:
+    """Every column of a CSV file as text: left to itself the reader makes numbers of "4" and "007"."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return datasets.Features({column: datasets.Value("string") for column in header})
+
+
+def record_locations(path: Path, count: int) -> list[str]:
+    """Where each record is, as a person finds it: "<file>: line N" in a JSONL file (blank lines, which the reader
+    skips, counted), "<file>: record N" in the other formats."""
+    if path.suffix.lower() != ".jsonl":
+        return [f"{path}: record {i}" for i in range(1, count + 1)]
+    lines = [n for n, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
+    return [f"{path}: line {n}" for n in lines[:count]] + [f"{path}: record {i}" for i in range(len(lines) + 1,
+                                                                                                   count + 1)]
 
 
 def _explain_unreadable(path: Path, error: Exception) -> str:
@@ -72,13 +98,17 @@ def _explain_unreadable(path: Path, error: Exception) -> str:
             "the same type in every record (e.g. profile always an object, or always a string).")
 
 
-def check_record(rec: dict, index: int, path: Path, prompt: PromptConfig) -> list[str]:
-    """Type checks for one record; only the sections this ablation shows are required. Record numbers start at 1."""
-    where, problems = f"{path}: record {index + 1}", []
+def check_record(rec: dict, where: str, prompt: PromptConfig) -> list[str]:
+    """Type checks for one record (`where`: its file and line or record number); only the sections this ablation
+    shows are required."""
+    problems = []
     for key in ("query", "target"):
         if not isinstance(rec[key], str):
             what = "is missing" if rec[key] is None else f"must be a string, got {type(rec[key]).__name__}"
             problems.append(f"{where}: {key} {what}.")
+    if isinstance(rec["target"], str) and not rec["target"].strip():
+        problems.append(f"{where}: target is empty; every example needs an answer to learn (remove the record or "
+                        "fill in its target).")
     for section in SECTIONS:
         value = rec[section.name]
         if value is None:
@@ -87,6 +117,18 @@ def check_record(rec: dict, index: int, path: Path, prompt: PromptConfig) -> lis
         elif (problem := section.problem(value)) is not None:
             problems.append(f"{where}: {section.name} {problem}.")
     return problems
+
+
+def duplicate_ids(ids: list[str | None], locations: list[str]) -> list[str]:
+    """One problem per id that more than one record of a split has, naming where each is."""
+    seen: dict[str, list[str]] = {}
+    for record_id, where in zip(ids, locations, strict=True):
+        if record_id is not None:
+            seen.setdefault(str(record_id), []).append(where.rpartition(": ")[2])
+    return [f"{locations[0].rpartition(': ')[0]}: id {record_id!r} is used by {len(places)} records ("
+            f"{', '.join(places[:5])}{', ...' if len(places) > 5 else ''}); ids must be unique within a split, so "
+            "that predictions and comparisons can be matched by id." for record_id, places in seen.items()
+            if len(places) > 1]
 
 
 @dataclass
@@ -117,24 +159,48 @@ class Split:
     # The first record that became an example, with the history items it keeps: what --dry_run shows.
     first_record: dict = field(default_factory=dict)
     first_history_items: int = 0
+    content_hashes: list[str] = field(default_factory=list)  # content_hash of each example's record
+
+
+def record_problems(records: list[dict], locations: list[str], prompt: PromptConfig,
+                    encoder: PromptEncoder) -> list[str]:
+    """Everything wrong with a file's records: types, empty targets, control tokens in the text, duplicate ids."""
+    problems = []
+    for rec, where in zip(records, locations, strict=True):
+        problems += check_record(rec, where, prompt)
+        for key in RECORD_FIELDS:
+            value = rec[key]
+            text = value if isinstance(value, str) or value is None else json.dumps(value, ensure_ascii=False)
+            if key != "id" and text and (tokens := encoder.control_tokens_in(text)):
+                problems.append(f"{where}: {key} holds {', '.join(map(repr, tokens))}, the tokenizer's control "
+                                "token text: the model would read it as markup, not as the user's words. Remove or "
+                                "rewrite it in the data (e.g. 'end of turn').")
+    return problems + duplicate_ids([rec["id"] for rec in records], locations)
+
+
+def content_hash(record: dict) -> str:
+    """What a record says, without its id: two records with equal hashes are the same example."""
+    content = {key: record[key] for key in RECORD_FIELDS if key != "id"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> Split:
     """Read, check, truncate and encode one data file."""
     records = read_records(path, cfg.data.fields)
-    problems = [p for i, rec in enumerate(records) for p in check_record(rec, i, path, cfg.prompt)]
+    locations = record_locations(path, len(records))
+    problems = record_problems(records, locations, cfg.prompt, encoder)
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more problems in {path}"] if len(problems) > 20 else [])
         raise UserError(shown)
-    examples, ids, targets, group_lengths = [], [], [], []
+    examples, ids, targets, group_lengths, hashes = [], [], [], [], []
     first: tuple[dict, int] | None = None
     shortened = dropped = 0
     for i, rec in enumerate(records):
         target_len = len(encoder.target_ids(rec["target"]))
         if target_len >= encoder.max_length:
-            raise UserError(f"{path}: record {i + 1}: the target alone is {target_len} tokens, which leaves no room "
-                            f"for a prompt in training.max_length={encoder.max_length}. Raise max_length or shorten "
-                            "the target.")
+            raise UserError(f"{locations[i]}: the target alone is {target_len} tokens, which leaves no room for a "
+                            f"prompt in training.max_length={encoder.max_length}. Raise max_length or shorten the "
+                            "target.")
         fitted = encoder.fit_full_prompt(rec, target_len)
         if fitted is None:
             dropped += 1
@@ -146,11 +212,49 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
         examples.append(encoder.encode(rec, cfg.prompt, kept))
         ids.append(str(rec["id"]) if rec["id"] is not None else f"{split}:{i}")
         targets.append(rec["target"].strip())
+        hashes.append(content_hash(rec))
     if first is None:
         raise UserError(f"{path}: no record fits in training.max_length={encoder.max_length} even without history; "
                         "raise max_length.")
     stats = split_stats(examples, ids, len(records), dropped, shortened)
-    return Split(examples, ids, targets, stats, group_lengths, *first)
+    return Split(examples, ids, targets, stats, group_lengths, *first, content_hashes=hashes)
+
+
+def overlap(splits: dict[str, Split]) -> dict[str, dict]:
+    """What the splits share: ids in two splits, and examples whose whole content (profile, history, query and target)
+    appears in both train and an evaluation split. Either makes an evaluation measure memory, not skill."""
+    found: dict[str, dict] = {}
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(set(splits[a].ids) & set(splits[b].ids))
+            if shared:
+                found[f"{a}/{b}"] = {"shared_ids": len(shared), "examples": shared[:3]}
+    train = splits.get("train")
+    for name in ("validation", "test"):
+        if train is None or name not in splits:
+            continue
+        positions = {h: k for k, h in enumerate(splits[name].content_hashes)}
+        same = [splits[name].ids[positions[h]] for h in set(train.content_hashes) if h in positions]
+        if same:
+            found.setdefault(f"train/{name}", {}).update(identical_examples=len(same), identical=sorted(same)[:3])
+    return found
+
+
+def overlap_problems(found: dict[str, dict]) -> list[str]:
+    problems = []
+    for pair, what in found.items():
+        if what.get("shared_ids"):
+            problems.append(f"data: {what['shared_ids']} ids are in both the {pair.replace('/', ' and the ')} "
+                            f"file (e.g. {', '.join(what['examples'])}).")
+        if what.get("identical_examples"):
+            problems.append(f"data: {what['identical_examples']} {pair.split('/')[1]} examples are identical to "
+                            f"training examples (profile, history, query and target; e.g. {', '.join(what['identical'])}).")
+    if problems:
+        problems.append("A model evaluated on what it trained on is measured on memory. Split the data so that no "
+                        "example is in two files, or set data.allow_overlap to true to go on (recorded in "
+                        "results.json).")
+    return problems
 
 
 def split_stats(examples: list[dict], ids: list[str], records: int, dropped: int, shortened: int) -> SplitStats:

@@ -10,7 +10,9 @@ import logging
 import math
 import os
 import shutil
+import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ GENERATED_DS_CONFIG_NAME = "ds_config_zero3.json"
 RESULTS_NAME = "results.json"  # written last: a run is finished when it exists
 PREDICTIONS_NAME = "predictions.jsonl"
 RESOLVED_CONFIG_NAME = "resolved_config.json"
+IDENTITY_NAME = "run_identity.json"  # what the run is (run_identity.py); also in every checkpoint
 FINAL_DIRNAME = "final"
 DRY_RUN_DIRNAME = "dry_run"
 
@@ -76,7 +79,14 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
     """A finished run (results.json) is never overwritten, and an unfinished one is never silently mixed with a new
     one, unless the user says so."""
-    if not output_dir.exists() or overwrite:
+    if not output_dir.exists():
+        return
+    replaced = sorted(output_dir.glob(f"{REPLACED_PREFIX}*"))
+    if replaced:
+        raise UserError(f"{replaced[0]}: holds the outputs of a run that --overwrite_output_dir was replacing when the "
+                        "new run died before its first step. Move them back (`mv "
+                        f"{replaced[0]}/* {output_dir}/`) or delete that directory, then run again.")
+    if overwrite:
         return
     if (output_dir / RESULTS_NAME).is_file():
         raise UserError(f"{output_dir}: holds a finished run ({RESULTS_NAME}). Choose another --output_dir, or add "
@@ -86,14 +96,89 @@ def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> N
                         "continue it, or --overwrite_output_dir to start over.")
 
 
-def clear_output_dir(output_dir: Path) -> None:
-    """Remove what a previous run wrote (only our own outputs: never anything else the user keeps there)."""
-    for path in [*output_dir.glob("checkpoint-*"), output_dir / FINAL_DIRNAME, output_dir / f".{FINAL_DIRNAME}.tmp",
-                 output_dir / DS_CONFIG_DIRNAME]:
-        if path.is_dir():
-            shutil.rmtree(path)
-    for name in (RESULTS_NAME, RESOLVED_CONFIG_NAME, PREDICTIONS_NAME):
-        (output_dir / name).unlink(missing_ok=True)
+# What a training run writes into its output directory, and nothing else: --overwrite_output_dir moves exactly these.
+RUN_OUTPUTS = ("checkpoint-*", FINAL_DIRNAME, f".{FINAL_DIRNAME}.tmp", DS_CONFIG_DIRNAME, RESULTS_NAME,
+               RESOLVED_CONFIG_NAME, PREDICTIONS_NAME, IDENTITY_NAME)
+REPLACED_PREFIX = ".replaced-"
+
+
+class PreviousRun:
+    """The outputs of the run that --overwrite_output_dir replaces. They are moved aside (renames, instant) when the
+    new run starts writing, put back if the new run stops before its first optimizer step, and deleted after that
+    step: the old run is never lost for a new one that does not start."""
+
+    def __init__(self, output_dir: Path, replacing: bool):
+        self.output_dir, self.replacing = output_dir, replacing  # replacing: --overwrite_output_dir, on rank 0
+        self.aside = output_dir / f"{REPLACED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        self.moved: list[str] = []
+
+    def move_aside(self) -> None:
+        if not self.replacing:
+            return
+        for pattern in RUN_OUTPUTS:
+            for path in sorted(self.output_dir.glob(pattern)):
+                self.aside.mkdir(exist_ok=True)
+                os.replace(path, self.aside / path.name)
+                self.moved.append(path.name)
+        if self.moved:
+            logger.info("--overwrite_output_dir: the previous run's outputs wait in %s until this run's first step.",
+                        self.aside)
+
+    def restore(self) -> None:
+        """The new run stopped before its first step: its own files go, the previous run's come back."""
+        for pattern in RUN_OUTPUTS:
+            for path in self.output_dir.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for name in self.moved:
+            os.replace(self.aside / name, self.output_dir / name)
+        self.aside.rmdir()
+        self.moved = []
+        logger.warning("The new run stopped before its first step: the previous run in %s is back as it was.",
+                       self.output_dir)
+
+    def discard(self) -> None:
+        if self.moved:
+            shutil.rmtree(self.aside)
+            self.moved = []
+
+    def __enter__(self) -> PreviousRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and self.moved:
+            self.restore()
+        self.discard()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Which test set a run's predictions come from
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_results(output_dir: Path) -> dict:
+    path = output_dir / RESULTS_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e}); it was not written by a finished run of this tool.") from None
+
+
+def test_set_of(results: dict) -> dict | None:
+    """The provenance of a results.json's test section: {path, sha256, ids_sha256} (None: no test evaluation)."""
+    return (results.get("test") or {}).get("test_set")
+
+
+def check_same_test_set(output_dir: Path, new: dict, replace: bool) -> None:
+    """--do_eval_only may re-evaluate a run on the test set its predictions came from; another test set would replace
+    them silently, so it needs --replace_test_set (recorded)."""
+    old = test_set_of(read_results(output_dir))
+    if old is None or replace or (old.get("ids_sha256"), old.get("sha256")) == (new["ids_sha256"], new["sha256"]):
+        return
+    raise UserError(f"{output_dir / PREDICTIONS_NAME} and results.json's test metrics come from {old.get('path')} "
+                    f"(ids sha256 {str(old.get('ids_sha256'))[:12]}, content sha256 {str(old.get('sha256'))[:12]}); "
+                    f"this evaluation would use {new['path']} (ids {new['ids_sha256'][:12]}, content "
+                    f"{new['sha256'][:12]}) and replace them. Add --replace_test_set to replace them (recorded), or "
+                    "evaluate a copy of the run directory.")
 
 
 def check_eval_only(output_dir: Path, cfg: Config) -> Path:
@@ -212,13 +297,10 @@ def storage_estimate(n_params: int, checkpoints: int) -> int:
     return n_params * (16 * checkpoints + 2)
 
 
-def estimated_storage(model_dir: Path, training: TrainingConfig, train_examples: int, processes: int) -> int | None:
+def estimated_storage(model_dir: Path, training: TrainingConfig, steps: int) -> int | None:
     """Bytes the run's checkpoints and final/ may need at once; None when the parameter count is unknown."""
     n_params = count_parameters(model_dir)
-    if n_params is None:
-        return None
-    return storage_estimate(n_params, checkpoints_on_disk(training, planned_steps(training, train_examples,
-                                                                                  processes)))
+    return None if n_params is None else storage_estimate(n_params, checkpoints_on_disk(training, steps))
 
 
 def warn_if_disk_is_short(output_dir: Path, need_bytes: int | None) -> None:
@@ -250,3 +332,99 @@ def loss_summary(log_history: list[dict]) -> dict[str, float | None]:
     evals = [h["eval_loss"] for h in log_history if "eval_loss" in h]
     return {"first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
             "first_eval_loss": evals[0] if evals else None, "last_eval_loss": evals[-1] if evals else None}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The output-directory lock: one run at a time
+# ----------------------------------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+
+
+def process_start_time(pid: int) -> str | None:
+    """When a process started (Linux: clock ticks after boot), to tell a live owner from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_is_gone(holder: dict) -> bool:
+    """True when the lock's owner ran on this host and is no longer running. An owner on another host cannot be seen
+    from here and counts as alive."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = holder.get("pid")
+    if pid == "?":  # an unreadable lock file older than any write of it: its writer died while writing
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    started = process_start_time(int(pid))
+    return started is not None and holder.get("process_start") not in (None, started)  # the pid was reused
+
+
+class OutputLock:
+    """<output_dir>/.lock, held by rank 0 for the whole of a training run, an --do_eval_only or a --dry_run, so that two
+    runs never write into one directory. The file says who holds it (process, host, start time, command). A lock left
+    by a run that died on this host is taken over, with a warning; one held by a live run, or by a run on another
+    host, is refused with how to clear it. The other ranks leave it to rank 0: if rank 0 stops, the launcher stops
+    them."""
+
+    def __init__(self, output_dir: Path, held_here: bool = True):
+        self.path, self.held_here, self.holding = output_dir / LOCK_NAME, held_here, False
+
+    def acquire(self) -> None:
+        if not self.held_here:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": process_start_time(os.getpid()),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:  # released meanwhile
+                    continue
+                if not owner_is_gone(holder):
+                    raise UserError(f"{self.path.parent}: in use by another run (process {holder.get('pid')} on "
+                                    f"{holder.get('host')}, started {holder.get('started')}: "
+                                    f"{holder.get('command', '?')}). Wait for it to end or choose another "
+                                    f"--output_dir. If that run is gone, delete {self.path}.") from None
+                logger.warning("%s: taking over the lock of a run that is gone (process %s on %s, started %s).",
+                               self.path, holder.get("pid"), holder.get("host"), holder.get("started"))
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.holding = True
+            return
+        raise UserError(f"{self.path}: another run took this directory while this one was starting; choose another "
+                        "--output_dir.")
+
+    def _holder(self) -> dict | None:
+        """Who holds the lock; None when the file went away meanwhile."""
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # being written right now, or left half-written by a killed run
+            written_just_now = time.time() - self.path.stat().st_mtime < 10
+            return {"pid": "?", "host": socket.gethostname() if not written_just_now else "?",
+                    "started": "?", "command": "? (unreadable lock file)"}
+
+    def release(self) -> None:
+        if self.holding:
+            self.path.unlink(missing_ok=True)
+            self.holding = False
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

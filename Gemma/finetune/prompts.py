@@ -8,6 +8,8 @@ config.PromptConfig; rendering, record checks, token counts per section and abla
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,7 @@ from .errors import UserError
 from .gemma import END_OF_TURN, START_OF_TURN
 
 IGNORE_INDEX = -100  # label value the loss skips (torch's CrossEntropyLoss default)
+CONTROL_TOKEN_SHAPE = re.compile(r"<[^<>\s]{1,40}>")
 
 
 def _attributes(obj: dict | str, sep: str) -> str:
@@ -87,6 +90,29 @@ def render_user_message(record: dict, prompt: PromptConfig, history_items: int) 
     return "\n\n".join(parts)
 
 
+def load_pretrained(loader: Any, path: str, key: str) -> Any:
+    """loader.from_pretrained(path), with a missing or unreachable checkpoint as a UserError naming `key`."""
+    try:
+        return loader.from_pretrained(path)
+    except (OSError, ValueError) as e:  # what transformers raises for a missing repo, file or network
+        reason = " ".join(str(e).split())
+        raise UserError(f"{key}: cannot load {path!r}: {reason[:400]} Give a local directory written by "
+                        "save_pretrained (relative paths are relative to the directory of config.json) or a hub id "
+                        "that this machine can reach or has in its cache.") from None
+
+
+def load_tokenizer(path: str):
+    """The tokenizer, padding on the right (labels follow the tokens; left padding matters only for batched
+    generation, which pads by hand)."""
+    from transformers import AutoTokenizer  # not torch's training stack: data errors come back in seconds
+
+    tokenizer = load_pretrained(AutoTokenizer, path, "model.tokenizer_name_or_path (or model_name_or_path)")
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 class PromptEncoder:
     """Turns records into token ids and labels with the tokenizer's chat template, or Gemma's turn format when the
     tokenizer has none (Gemma 3 270M's has none). Labels cover only the target and its <end_of_turn>."""
@@ -97,6 +123,20 @@ class PromptEncoder:
         if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
             raise UserError(f"the tokenizer has no {END_OF_TURN} token: is model.model_name_or_path a Gemma model?")
         self.bos_id = tokenizer.bos_token_id
+
+    @functools.cached_property
+    def _control_tokens(self) -> tuple[set[str], re.Pattern]:
+        """The tokenizer's special tokens (turn markers, BOS, padding, reserved ones): all of them look like <...> in
+        Gemma's tokenizers, so a pattern finds candidates and the set decides."""
+        special = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        special |= set(self.tokenizer.all_special_tokens)
+        odd = sorted((t for t in special if not CONTROL_TOKEN_SHAPE.fullmatch(t)), key=len, reverse=True)
+        return special, re.compile("|".join([CONTROL_TOKEN_SHAPE.pattern, *map(re.escape, odd)]))
+
+    def control_tokens_in(self, text: str) -> list[str]:
+        """The control-token strings in a piece of user text, in order of appearance, each once."""
+        special, pattern = self._control_tokens
+        return list(dict.fromkeys(m for m in pattern.findall(text) if m in special))
 
     def check_fixed_parts(self) -> None:
         """The turn markers, BOS and the query label alone must leave room for a target."""

@@ -10,17 +10,21 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from typing import Any
 
-from .errors import UserError
+from .deepspeed_ops import clear_stale_build_locks, describe_waits, use_environment_cache
+from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, TrainingStopped, UserError
 
 logger = logging.getLogger(__name__)
 # With an error raised on one rank only, the others may never reach the shutdown barrier: wait this long, not forever.
 SHUTDOWN_BARRIER_TIMEOUT = datetime.timedelta(seconds=30)
+STARTUP_REPORT_SECONDS = 60
 
 
 def configure_logging(rank: int) -> None:
@@ -50,12 +54,59 @@ def ensure_process_group_env() -> None:
                       MASTER_PORT=str(port))
 
 
+class StoppedBySignal(TrainingStopped):
+    """SIGTERM or Ctrl-C outside the training steps (which save first, see faults.FaultGuard): nothing to save."""
+
+
+class StartupWatch:
+    """Says, every STARTUP_REPORT_SECONDS, what a run that has not reached its first training step is still busy with
+    or waiting for, so that a start-up never hangs in silence."""
+
+    def __init__(self):
+        self.phase: str | None = None
+        self.since = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="startup-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def enter(self, phase: str | None) -> None:
+        self.phase, self.since = phase, time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(STARTUP_REPORT_SECONDS):
+            if self.phase is None:
+                continue
+            waits = describe_waits() if "DeepSpeed" in self.phase else None
+            logger.warning("Still %s after %.0f s%s.", self.phase, time.monotonic() - self.since,
+                           f"; waiting for {waits}" if waits else "")
+
+
 class Runtime:
     """One process of a launch. `with Runtime.start(dtype) as runtime:` sets the process up; leaving the block, for
-    any reason, leaves the process group cleanly (see close)."""
+    any reason, leaves the process group cleanly (see close). SIGTERM and Ctrl-C stop the process at once with a
+    message (exit 143 and 130), except that during the training steps faults.FaultGuard defers SIGTERM to the next
+    step boundary and saves there. A start-up phase that lasts over a minute is reported with what it waits for."""
 
     def __init__(self, rank: int, world_size: int, cpu_only: bool):
         self.rank, self.world_size, self.cpu_only = rank, world_size, cpu_only
+        self.watch = StartupWatch()
+
+    def phase(self, description: str | None) -> None:
+        """What this process is busy with until the first training step (None: training is under way)."""
+        self.watch.enter(description)
+        if description is None:
+            self.watch.stop()
+
+    def _on_signal(self, signum, frame) -> None:
+        name, code = ("SIGTERM", EXIT_PREEMPTED) if signum == signal.SIGTERM else ("Ctrl-C", EXIT_INTERRUPTED)
+        raise StoppedBySignal(f"stopped by {name} while {self.watch.phase or 'training'}; nothing was saved after "
+                              "the last checkpoint. Rerun the same command (with --resume_from_checkpoint auto if a "
+                              "checkpoint was saved) to continue.", code)
 
     @classmethod
     def start(cls, dtype: str) -> Runtime:
@@ -64,6 +115,8 @@ class Runtime:
         # churn through CPU memory (README: "CPU-only machines"). torch reads it at its first allocation.
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         ensure_process_group_env()
+        use_environment_cache()
+        clear_stale_build_locks()
         import torch  # only now: the allocator setting above must come first
         from transformers.utils import logging as hf_logging
 
@@ -78,6 +131,9 @@ class Runtime:
             if problems:
                 raise UserError(problems)
         hf_logging.set_verbosity_warning() if runtime.rank == 0 else hf_logging.set_verbosity_error()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, runtime._on_signal)
+        runtime.watch.start()
         return runtime
 
     def _apply_cpu_only_workarounds(self) -> None:
@@ -142,5 +198,9 @@ class Runtime:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # A UserError (a stop, a bad value found after start) is raised on every rank alike; anything else may not be.
-        self.close(every_rank=exc is None or isinstance(exc, UserError))
+        self.watch.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # A UserError (a bad value found after start, a stop agreed at a step boundary) is raised on every rank alike;
+        # anything else, a signal outside the training steps included, may not be.
+        self.close(every_rank=exc is None or (isinstance(exc, UserError) and not isinstance(exc, StoppedBySignal)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -135,8 +136,26 @@ def build_dataclass(cls: type, data: dict, where: str, problems: list[str]) -> A
     return cls(**kwargs) if complete else _BAD
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
-    """Apply --set section.key=value (value parsed as JSON, else taken as a string) to the raw config dict."""
+def _field_type(cls: type, parts: list[str]) -> tuple[Any, str | None]:
+    """The type hint of the key path `parts` below dataclass `cls`, or (None, problem) for a path the schema lacks."""
+    tp: Any = cls
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            return None, f"{'.'.join(parts[:depth])} is not a section"
+        known = [f.name for f in dataclasses.fields(tp)]
+        if part not in known:
+            close = difflib.get_close_matches(part, known, n=1)
+            where = ".".join(parts[:depth + 1])
+            return None, f"unknown key {where}" + (f"; did you mean {close[0]}?" if close else
+                                                   f"; valid keys: {', '.join(known)}")
+        tp = typing.get_type_hints(tp)[part]
+    return tp, None
+
+
+def apply_overrides(raw: dict, overrides: list[str], sources: dict[str, str]) -> list[str]:
+    """Apply --set SECTION.KEY=VALUE (value parsed as JSON, else taken as a string) to the raw config dict. Each value
+    is checked against the schema first, and a problem names the --set that caused it; `sources` records which key
+    each --set decided, for the range checks."""
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -148,14 +167,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
+        tp, problem = _field_type(Config, parts)
+        if problem is not None:
+            problems.append(f"--set {item}: {problem}.")
+            continue
+        if _check_value(value, tp, f"--set {item}", problems) is _BAD:
+            continue
         node = raw
         for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                node[part] = {}  # config.json's own value for this section is reported, and replaced here
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                problems.append(f"--set {item}: {part} is not a section.")
-                break
-        else:
-            node[parts[-1]] = value
+        node[parts[-1]] = value
+        sources[key] = f"--set {item}"
     return problems
 
 
@@ -181,29 +205,36 @@ def local_or_hub(name: str, base: Path) -> str:
     return str(path) if path.is_dir() else name
 
 
-def prompt_problems(prompt: PromptConfig, where: str) -> list[str]:
-    """Range checks of the prompt keys, wherever they were set (config.json or an ablation profile)."""
-    if prompt.max_history_items is not None and prompt.max_history_items < 0:
-        return [f"{where}max_history_items: must be >= 0, or null for all."]
-    return []
+MAX_SEED = 2**32 - 1  # numpy's random seed range, which the Trainer seeds too
 
 
-def validate_config(cfg: Config, config_path: Path) -> list[str]:
-    """Range and consistency checks that the type system cannot express. Each message says how to fix it."""
-    where = str(config_path)
-    t, problems = cfg.training, []
+class Checks:
+    """Collects range problems, each naming where its value came from: config.json and the key path, the ablation
+    file and its key, or the --set that set it."""
 
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            problems.append(f"{where}: {key}: {msg}")
+    def __init__(self, config_path: Path, sources: dict[str, str]):
+        self.config_path, self.sources, self.problems = config_path, sources, []
 
+    def where(self, key: str) -> str:
+        return self.sources.get(key, f"{self.config_path}: {key}")
+
+    def need(self, condition: bool, key: str, message: str) -> None:
+        if not condition:
+            self.problems.append(f"{self.where(key)}: {message}")
+
+
+def validate_config(cfg: Config, config_path: Path, sources: dict[str, str] | None = None) -> list[str]:
+    """Range and consistency checks that the type system cannot express. Each message says where the value came from
+    and how to fix it."""
+    check = Checks(config_path, sources or {})
+    need, t = check.need, cfg.training
     for key in ("max_length", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps",
                 "save_steps"):
         need(getattr(t, key) >= 1, f"training.{key}", f"must be at least 1, got {getattr(t, key)}.")
     need(t.learning_rate > 0, "training.learning_rate", f"must be positive, got {t.learning_rate}.")
     need(t.max_steps is None or t.max_steps >= 1, "training.max_steps", "must be at least 1, or null to use epochs.")
-    need(t.max_steps is not None or t.num_train_epochs > 0, "training.num_train_epochs",
-         f"must be positive, got {t.num_train_epochs} (or set training.max_steps).")
+    need(t.max_steps is not None or 0 < t.num_train_epochs < math.inf, "training.num_train_epochs",
+         f"must be a positive, finite number, got {t.num_train_epochs} (or set training.max_steps).")
     need(0 <= t.warmup_ratio < 1, "training.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}.")
     need(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, got {t.weight_decay}.")
     need(t.max_grad_norm >= 0, "training.max_grad_norm", f"must be >= 0 (0 disables clipping), got {t.max_grad_norm}.")
@@ -212,49 +243,61 @@ def validate_config(cfg: Config, config_path: Path) -> list[str]:
     need(t.eval_steps is None or t.eval_steps >= 1, "training.eval_steps", "must be at least 1, or null.")
     need(t.eval_steps is None or cfg.data.validation_file is not None, "training.eval_steps",
          f"is {t.eval_steps} but data.validation_file is null; set a validation file or set eval_steps to null.")
-    problems += prompt_problems(cfg.prompt, f"{where}: prompt.")
+    need(0 <= t.seed <= MAX_SEED, "training.seed", f"must be in [0, {MAX_SEED}], got {t.seed}.")
+    need(all(math.isfinite(getattr(t, k)) for k in ("learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm")),
+         "training", "learning_rate, warmup_ratio, weight_decay and max_grad_norm must be finite numbers.")
+    need(cfg.prompt.max_history_items is None or cfg.prompt.max_history_items >= 0, "prompt.max_history_items",
+         "must be >= 0, or null for all.")
     e = cfg.evaluation
     need(e.max_test_examples is None or e.max_test_examples >= 1, "evaluation.max_test_examples",
          "must be at least 1, or null for the whole test file.")
     need(e.max_new_tokens >= 1, "evaluation.max_new_tokens", f"must be at least 1, got {e.max_new_tokens}.")
-    return problems + data_file_problems(cfg, config_path) + model_problems(cfg, config_path)
+    columns = [getattr(cfg.data.fields, f.name) for f in dataclasses.fields(cfg.data.fields)]
+    for column in sorted({c for c in columns if columns.count(c) > 1}):
+        fields = [f.name for f in dataclasses.fields(cfg.data.fields) if getattr(cfg.data.fields, f.name) == column]
+        need(False, "data.fields", f"{' and '.join(fields)} are all read from the column {column!r}; give each record "
+                                   "field a column of its own.")
+    data_file_problems(cfg, config_path, check)
+    model_problems(cfg, config_path, check)
+    return check.problems
 
 
-def data_file_problems(cfg: Config, config_path: Path) -> list[str]:
-    problems = []
+def data_file_problems(cfg: Config, config_path: Path, check: Checks) -> None:
     for key in ("train_file", "validation_file", "test_file"):
         value = getattr(cfg.data, key)
         if value is None:
             continue
         path = resolve_path(value, config_path.parent)
-        if path.suffix.lower() not in DATA_EXTENSIONS:
-            problems.append(f"{config_path}: data.{key}: unsupported file type {path.suffix!r} ({value}); use one of "
-                            f"{', '.join(DATA_EXTENSIONS)}.")
-        elif not path.is_file():
-            problems.append(f"{config_path}: data.{key}: file not found: {path}. Fix the path (relative paths are "
-                            f"relative to the directory of {config_path.name}).")
-    return problems
+        check.need(path.suffix.lower() in DATA_EXTENSIONS, f"data.{key}", f"unsupported file type {path.suffix!r} "
+                   f"({value}); use one of {', '.join(DATA_EXTENSIONS)}.")
+        check.need(path.suffix.lower() not in DATA_EXTENSIONS or path.is_file(), f"data.{key}",
+                   f"file not found: {path}. Fix the path (relative paths are relative to the directory of "
+                   f"{config_path.name}).")
 
 
-def model_problems(cfg: Config, config_path: Path) -> list[str]:
-    """A local model directory is checked now (a Gemma config.json); a hub id is checked once its config is loaded."""
-    where = f"{config_path}: model."
-    model_path = resolve_path(cfg.model.model_name_or_path, config_path.parent)
-    if model_path.is_dir():
-        problems = [f"{where}model_name_or_path: {p}" for p in check_model_directory(model_path)]
-    elif not looks_like_hub_id(cfg.model.model_name_or_path):
-        problems = [f"{where}model_name_or_path: directory not found: {model_path}. For the demo model run "
-                    "`python Gemma/prepare_gemma.py`; otherwise give a local directory or a hub id like "
-                    "google/gemma-3-270m."]
-    else:
-        problems = []
-    tokenizer = cfg.model.tokenizer_name_or_path
-    if tokenizer is not None and not resolve_path(tokenizer, config_path.parent).is_dir() \
-            and not looks_like_hub_id(tokenizer):
-        problems.append(f"{where}tokenizer_name_or_path: directory not found: "
-                        f"{resolve_path(tokenizer, config_path.parent)}. Give a directory holding tokenizer files, a "
-                        "hub id, or null to use the model's.")
-    return problems
+def model_problems(cfg: Config, config_path: Path, check: Checks) -> None:
+    """A local model directory is checked now (a Gemma config.json). A name that is no local directory must look like
+    a hub id ("google/gemma-3-1b-it"), and its first part must not be a local directory: "models/gemma-3-1b" with a
+    models/ directory beside config.json is a mistyped path, not a hub id."""
+    base = config_path.parent
+    for key, value in (("model_name_or_path", cfg.model.model_name_or_path),
+                       ("tokenizer_name_or_path", cfg.model.tokenizer_name_or_path)):
+        if value is None:
+            continue
+        path = resolve_path(value, base)
+        if path.is_dir():
+            if key == "model_name_or_path":
+                for problem in check_model_directory(path):
+                    check.need(False, f"model.{key}", problem)
+            continue
+        first_part = resolve_path(value.split("/")[0], base)
+        if looks_like_hub_id(value) and not first_part.is_dir():
+            continue
+        hint = (" For the demo model run `python Gemma/prepare_gemma.py`; otherwise give a local directory or a hub id "
+                "like google/gemma-3-270m." if key == "model_name_or_path" else
+                " Give a directory holding tokenizer files, a hub id, or null to use the model's.")
+        check.need(False, f"model.{key}", f"directory not found: {path}" + (
+            f" ({first_part} exists, so this is a local path, not a hub id)." if first_part.is_dir() else ".") + hint)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -278,47 +321,48 @@ def resolve_ablation(name_or_path: str) -> tuple[str, Path]:
 
 
 def load_ablation(path: Path, problems: list[str], name: str | None = None) -> Ablation | None:
-    """An ablation profile: a description plus any PromptConfig keys, checked against PromptConfig's own types and
-    ranges. Only the keys that pass are kept, so a bad key is reported once, against this file."""
+    """An ablation profile: a description plus the PromptConfig keys it sets, checked against PromptConfig's own
+    types. Only the keys that pass are kept, so a bad key is reported once, against this file."""
     raw = read_json_file(path, "ablation profile")
     where = f"{path}:"
     if not isinstance(raw, dict):
         problems.append(f"{path}: expected a JSON object with a description and prompt keys such as include_profile.")
         return None
-    prompt_fields = {f.name for f in dataclasses.fields(PromptConfig)}
+    prompt_fields = [f.name for f in dataclasses.fields(PromptConfig)]
     found = len(problems)
-    problems += _unknown_keys(raw, ["description", *sorted(prompt_fields)], where)
+    problems += _unknown_keys(raw, ["description", *prompt_fields], where)
     description = raw.get("description")
     if not isinstance(description, str):
         problems.append(f"{where} description: " + ("required key is missing." if description is None
                                                     else f"expected a string, got {json.dumps(description)}."))
     hints = typing.get_type_hints(PromptConfig)
     prompt = {}
-    for key in sorted(prompt_fields & raw.keys(), key=list(raw).index):
+    for key in (k for k in raw if k in prompt_fields):
         value = _check_value(raw[key], hints[key], _key_path(where, key), problems)
         if value is not _BAD:
             prompt[key] = value
-    if len(problems) == found:
-        problems += prompt_problems(dataclasses.replace(PromptConfig(), **prompt), f"{path}: ")
     if len(problems) > found:
         return None
     return Ablation(name or path.stem, description, prompt)
 
 
 def load_settings(config_path: Path, ablation: str, overrides: list[str]) -> tuple[Config, Ablation]:
-    """defaults < config.json < ablation profile < --set, validated; every problem is reported together."""
+    """defaults < config.json < ablation profile < --set, validated; every problem is reported together, each naming
+    the file (config.json or the ablation profile) or the --set it came from."""
     raw = read_json_file(config_path, "config file")
     if not isinstance(raw, dict):
         raise UserError(f"{config_path}: expected a JSON object with sections model, data, training, ...")
     problems: list[str] = []
+    sources: dict[str, str] = {}  # key path -> where its value was set, when not in config.json
     ablation_name, ablation_path = resolve_ablation(ablation)
     profile = load_ablation(ablation_path, problems, ablation_name)
     if profile is not None and isinstance(raw.setdefault("prompt", {}), dict):
         raw["prompt"].update(profile.prompt)
-    problems += apply_overrides(raw, overrides)
+        sources.update({f"prompt.{key}": f"{ablation_path}: {key}" for key in profile.prompt})
+    problems += apply_overrides(raw, overrides, sources)
     cfg = build_dataclass(Config, raw, f"{config_path}:", problems)
     if cfg is not _BAD:
-        problems += validate_config(cfg, config_path)
+        problems += validate_config(cfg, config_path, sources)
     if problems:
         raise UserError(problems)
     return cfg, profile

@@ -10,42 +10,35 @@ import resource
 import shutil
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 import torch.distributed as dist
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, Trainer, TrainerCallback,
+from transformers import (AutoConfig, AutoModelForCausalLM, PretrainedConfig, Trainer, TrainerCallback,
                           TrainingArguments)
 
 from .activation_offload import ActivationOffloadCallback, OffloadStats, activation_offload_for
 from .batching import LengthGroupedSampler, SupervisedPositionsCollator, use_padding_free
 from .config import Ablation, Config
-from .data import Split
+from .data import Split, overlap
 from .deepspeed_config import cpu_checkpointing
 from .errors import UserError
 from .faults import FaultGuard
 from .gemma import gemma_problem
 from .memory_plan import MemoryPlan, memory_plan_summary
 from .outputs import FINAL_DIRNAME, library_versions, loss_summary
+from .prompts import load_pretrained
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "right"  # labels follow the tokens; left padding only matters for batched generation
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def load_model_config(path: str) -> PretrainedConfig:
     """The model's config, which must be a Gemma's (a local directory was checked before; a hub id is checked here)."""
-    config = AutoConfig.from_pretrained(path)
+    config = load_pretrained(AutoConfig, path, "model.model_name_or_path")
     problem = gemma_problem(config.model_type, path)
     if problem:
         raise UserError(problem)
@@ -158,6 +151,31 @@ class ThroughputMeter(TrainerCallback):
             "peak_rss_bytes": [g[0] for g in gathered],
             "peak_gpu_memory_bytes": [g[1] for g in gathered] if torch.cuda.is_available() else None,
         }
+
+
+class OnFirstStep(TrainerCallback):
+    """Calls each action once, when the first optimizer step of this launch has ended: the run has started."""
+
+    def __init__(self, *actions: Callable[[], None]):
+        self.actions = actions
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for action in self.actions:
+            action()
+        self.actions = ()
+
+
+class SaveIntoCheckpoints(TrainerCallback):
+    """Copies a file of the run (its identity) into every checkpoint rank 0 saves, so that a checkpoint says what it
+    was trained with wherever it goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir() and self.path.is_file():
+            shutil.copy2(self.path, checkpoint / self.path.name)
 
 
 class GuardedTrainer(Trainer):
@@ -282,6 +300,7 @@ def training_results(trainer: GuardedTrainer, train_metrics: dict, cfg: Config, 
         "world_size": world_size,
         "effective_batch_size": cfg.training.global_batch(world_size),
         "examples": {name: dataclasses.asdict(split.stats) for name, split in splits.items()},
+        "data_overlap": overlap(splits),  # empty unless data.allow_overlap let shared examples through
         "deepspeed": describe_engine(trainer),
         "memory_plan": memory_plan_summary(memory) if memory is not None else None,
         "batching": {"padding_free": use_padding_free(cfg), "group_by_length": trainer.sampler is not None},
