@@ -207,7 +207,7 @@ def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, Any, dict]
     from finetune.prompts import PromptEncoder, load_tokenizer
 
     tokenizer = load_tokenizer(plan.tokenizer_path)
-    encoder = PromptEncoder(tokenizer, plan.cfg.training.max_length)
+    encoder = PromptEncoder.for_prompt(tokenizer, plan.cfg.training.max_length, plan.cfg.prompt)
     encoder.check_fixed_parts()
     splits = {}
     for name in names:
@@ -228,7 +228,7 @@ def deepspeed_config_for(plan: RunPlan, model_config: Any, split: Any, hardware:
     from finetune.batching import use_padding_free
     from finetune.deepspeed_config import generate_deepspeed_config
     from finetune.memory_plan import detect_hardware, model_shape, plan_memory_for_split, resolved_offload
-    from finetune.trainer import hidden_size
+    from finetune.modeling import hidden_size
 
     choices = plan.cfg.deepspeed
     memory = None
@@ -280,7 +280,7 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> Path:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with (OutputLock(plan.output_dir, held_here=rank0),
           PreviousRun(plan.output_dir, replacing=args.overwrite_output_dir and rank0) as previous):
-        tokenizer, _, splits = prepare_data(plan, ("train", "validation", "test"))
+        tokenizer, encoder, splits = prepare_data(plan, ("train", "validation", "test"))
         with Runtime.start(plan.cfg.model.dtype) as runtime:
             from finetune import trainer as tr
             from finetune.evaluation import run_test_evaluation
@@ -294,8 +294,8 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> Path:
                                              plan.resume),
                        "resume_changes": plan.resume_changes, "data_files": plan.identity["data_files"],
                        "model_identity": plan.identity["model"]}
-            final = tr.save_final_model(trainer, plan.output_dir, runtime.rank)
-            tested = (run_test_evaluation(trainer.model, tokenizer, splits["test"], plan.cfg, trainer.args.device)
+            final = tr.save_final_model(trainer, plan.output_dir, runtime.rank, encoder.chat)
+            tested = (run_test_evaluation(trainer.model, encoder, splits["test"], plan.cfg, trainer.args.device)
                       if "test" in splits else None)
             if runtime.rank == 0:
                 test_set = {**plan.test_set(splits["test"]), "evaluated": "after training"} if tested else {}
@@ -311,12 +311,13 @@ def build_training(plan: RunPlan, args: argparse.Namespace, tokenizer: Any, spli
     """(Trainer with its model, memory plan): the DeepSpeed config, TrainingArguments, the last checks before the
     model loads, then rank 0 writes the run's files (moving a replaced run aside) and the model loads."""
     from finetune import trainer as tr
+    from finetune.modeling import load_model_config
     from finetune.preflight import check_before_loading
 
     cfg, t = plan.cfg, plan.cfg.training
     steps = planned_steps(t, len(splits["train"].ids), runtime.world_size)
     warn_if_disk_is_short(plan.output_dir, estimated_storage(Path(plan.model_path), t, steps))
-    model_config = tr.load_model_config(plan.model_path)
+    model_config = load_model_config(plan.model_path)
     ds_config, memory = deepspeed_config_for(plan, model_config, splits["train"])
     training_args = tr.build_training_arguments(cfg, plan.output_dir, ds_config, "validation" in splits, runtime)
     check_before_loading(cfg, ds_config, training_args, model_config, steps, args.deepspeed_config)
@@ -335,16 +336,17 @@ def evaluate_only(args: argparse.Namespace) -> Path:
     with; results.json keeps the training results and gets a new test section, which says which test set it is."""
     started, plan = time.time(), plan_run(args)
     with OutputLock(plan.output_dir, held_here=int(os.environ.get("RANK", "0")) == 0):
-        tokenizer, _, splits = prepare_data(plan, ("test",))
+        tokenizer, encoder, splits = prepare_data(plan, ("test",))
         test = splits["test"]
         test_set = {**plan.test_set(test), "evaluated": f"--do_eval_only, {time.strftime('%Y-%m-%d %H:%M')}"}
         check_same_test_set(plan.output_dir, test_set, args.replace_test_set)
         with Runtime.start(plan.cfg.model.dtype) as runtime:
             from finetune import trainer as tr
             from finetune.evaluation import run_test_evaluation
+            from finetune.modeling import load_model_config
             from finetune.preflight import check_before_loading
 
-            model_config = tr.load_model_config(plan.model_path)
+            model_config = load_model_config(plan.model_path)
             ds_config, _ = deepspeed_config_for(plan, model_config, test)
             training_args = tr.build_training_arguments(plan.cfg, plan.output_dir, ds_config, False, runtime)
             check_before_loading(plan.cfg, ds_config, training_args, model_config, 1, args.deepspeed_config)
@@ -354,7 +356,7 @@ def evaluate_only(args: argparse.Namespace) -> Path:
             # The Trainer builds the DeepSpeed inference engine on its first evaluation; one example per rank does.
             trainer.evaluate(tr.as_dataset(test.examples[:training_args.world_size]))
             runtime.phase(None)
-            tested = run_test_evaluation(trainer.model, tokenizer, test, plan.cfg, training_args.device)
+            tested = run_test_evaluation(trainer.model, encoder, test, plan.cfg, training_args.device)
             if runtime.rank == 0:
                 results = read_results(plan.output_dir)
                 if (replaced := test_set_of(results)) and replaced.get("ids_sha256") != test_set["ids_sha256"]:
@@ -374,7 +376,7 @@ def dry_run(args: argparse.Namespace) -> Path:
         from finetune.dry_run import dry_run_report, first_example
         from finetune.memory_plan import detect_hardware, memory_plan_summary
         from finetune.preflight import check_before_loading, trainer_arguments_like
-        from finetune.trainer import load_model_config
+        from finetune.modeling import load_model_config
 
         cfg, t = plan.cfg, plan.cfg.training
         _, encoder, splits = prepare_data(plan, ("train", "validation", "test"))

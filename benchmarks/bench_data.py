@@ -25,7 +25,7 @@ def load_train_examples(config_path: Path, ablation: str = "profile_and_history"
     cfg, _ = load_settings(config_path.resolve(), ablation, [])
     model_path = str(resolve_path(cfg.model.model_name_or_path, config_path.resolve().parent))
     tokenizer = load_tokenizer(model_path)
-    encoder = PromptEncoder(tokenizer, cfg.training.max_length)
+    encoder = PromptEncoder.for_prompt(tokenizer, cfg.training.max_length, cfg.prompt)
     split = build_split(resolve_path(cfg.data.train_file, config_path.resolve().parent), "train", cfg, encoder)
     return split.examples, tokenizer, cfg, model_path
 

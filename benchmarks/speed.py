@@ -358,7 +358,7 @@ def time_data_preparation(config: Path, model_dir: Path, repeats: int, gemma_dir
     load_s = time.perf_counter() - t0
     seconds, split = [], None
     for _ in range(repeats):
-        encoder = PromptEncoder(tokenizer, cfg.training.max_length)
+        encoder = PromptEncoder.for_prompt(tokenizer, cfg.training.max_length, cfg.prompt)
         t0 = time.perf_counter()
         split = build_split(DEMO_TRAIN, "train", cfg, encoder)
         seconds.append(time.perf_counter() - t0)

@@ -278,7 +278,7 @@ def test_precision_check_names_the_fix():
     assert check_precision("bfloat16", cuda=False, bf16_supported=False, device_name="cpu") == []
     assert check_precision("bfloat16", cuda=True, bf16_supported=True, device_name="NVIDIA H100") == []
     (problem,) = check_precision("bfloat16", cuda=True, bf16_supported=False, device_name="Tesla V100")
-    assert "Tesla V100 has no bf16 support" in problem and "model.dtype to float16" in problem
+    assert "Tesla V100 has no bf16 support" in problem and "model.dtype to float32" in problem
 
 
 def test_storage_estimate_and_parameter_count(tiny_model):

@@ -12,7 +12,7 @@ from finetune.deepspeed_config import (MIN_REDUCE_BUCKET, bucket_sizes, check_cu
                                        generate_deepspeed_config, load_custom_deepspeed_config)
 from finetune.errors import UserError
 from finetune.prompts import PromptEncoder
-from finetune.trainer import hidden_size
+from finetune.modeling import hidden_size
 
 
 def make_config(**training) -> Config:

@@ -276,3 +276,29 @@ def test_main_takes_extra_trainer_callbacks(tiny_model, data_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert json.loads(record.read_text()) == [1, 2]
     assert read(out / RESULTS_NAME)["global_step"] == 2
+
+
+def test_final_model_answers_through_a_chat_pipeline_as_in_predictions(finished_run):
+    """final/ works in the client users load it with: transformers' text-generation pipeline with chat messages
+    rebuilds the training prompt from the saved chat template (the tiny tokenizer had none: Gemma's is saved), stops
+    where the model's turn ends, and gives the answers of predictions.jsonl."""
+    from finetune.prompts import render_user_message
+    from transformers import AutoTokenizer, pipeline
+
+    final = finished_run["out"] / FINAL_DIRNAME
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.chat_template  # written although the base tokenizer had none
+    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert eot in read(final / "generation_config.json")["eos_token_id"]
+    encoder = PromptEncoder(tokenizer, 128)  # the run's max_length
+    generate = pipeline("text-generation", model=str(final), tokenizer=tokenizer, device="cpu")
+    records = read_records(finished_run["data"] / "test.jsonl", FieldNames())
+    rows = [json.loads(line) for line in (finished_run["out"] / PREDICTIONS_NAME).read_text().splitlines()]
+    for record, row in list(zip(records, rows, strict=True))[:4]:
+        kept = encoder.fitting_history(record, len(encoder.target_ids(record["target"])))
+        messages = [{"role": "user", "content": render_user_message(record, PromptConfig(), kept)}]
+        # the chat template saved in final/ renders exactly the prompt the model was trained and evaluated on
+        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+            encoder.prompt_text(messages[0]["content"])
+        answer = generate(messages, max_new_tokens=4, do_sample=False)[0]["generated_text"][-1]["content"]
+        assert answer.strip() == row["prediction"], (answer, row)

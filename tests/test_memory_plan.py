@@ -14,7 +14,7 @@ from finetune.memory_plan import (GIB, Hardware, ModelShape, activation_bytes, c
                                   model_states_bytes, plan_memory)
 from finetune.outputs import DRY_RUN_DIRNAME, GENERATED_DS_CONFIG_NAME, RESOLVED_CONFIG_NAME
 from finetune.prompts import IGNORE_INDEX, PromptEncoder, load_tokenizer
-from finetune.trainer import load_model_config
+from finetune.modeling import load_model_config
 
 GEMMA2_27B = REPO / "benchmarks" / "dry_run" / "gemma-2-27b"
 

@@ -84,3 +84,25 @@ def test_a_long_start_up_says_what_it_waits_for(monkeypatch, caplog):
     watch.stop()
     assert caplog.records and all(r.getMessage().startswith("Still loading the model after") for r in caplog.records)
     assert len(caplog.records) == count
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the finaliser's, on purpose
+def test_a_signal_python_swallowed_in_a_finaliser_still_ends_the_run():
+    """A signal's exception raises wherever Python is; inside a __del__ (a finaliser of some library's object) Python
+    prints and ignores it. The run must still stop, at its next phase at the latest."""
+    import gc
+    import signal
+
+    from finetune.runtime import Runtime, StoppedBySignal
+
+    runtime = Runtime(rank=0, world_size=1, cpu_only=True)
+
+    class Finalised:
+        def __del__(self):
+            runtime._on_signal(signal.SIGINT, None)  # as if Ctrl-C arrived while this finaliser ran
+
+    Finalised()
+    gc.collect()
+    with pytest.raises(StoppedBySignal, match="stopped by Ctrl-C") as stopped:
+        runtime.phase("loading the model")
+    assert stopped.value.exit_code == 130

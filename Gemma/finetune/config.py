@@ -16,7 +16,8 @@ from typing import Literal
 class ModelConfig:
     # A local directory (relative paths are resolved against the directory holding config.json) or a hub id.
     model_name_or_path: str
-    # Eager attention is what Gemma recommends for training (soft-capping and sliding windows); sdpa is faster on GPUs.
+    # Gemma 2 needs eager (its attention soft-capping; transformers refuses sdpa for it). Gemma 3 and 4 have no
+    # soft-capping: sdpa gives the same results and is faster. Vision/audio towers always get eager (frozen, unused).
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "eager"
     # Weights are loaded in this dtype and DeepSpeed trains in it: bfloat16 is Gemma's native precision.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -57,6 +58,12 @@ class PromptConfig:
     include_history: bool = True
     # Keep at most this many of the most recent history items (null: all that fit in max_length).
     max_history_items: int | None = None
+    # A system text (task instructions): in the system turn where the chat template has one (Gemma 4), else at the
+    # start of the user turn, before the sections (Gemma 1-3). The same in every ablation unless a profile sets it.
+    system: str | None = None
+    # Passed to chat templates that can think first (Gemma 4): off, so that the model answers at once, as the
+    # training targets do.
+    enable_thinking: bool = False
 
     def with_every_section(self) -> PromptConfig:
         """The full prompt: every section, all the history. Which examples fit in max_length (and how many history

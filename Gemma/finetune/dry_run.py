@@ -44,12 +44,19 @@ def _markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def _model_section(model_path: str, mp: MemoryPlan) -> list[str]:
     shape = mp.shape
+    frozen = shape.total_params - shape.trained
+    parts = [f"{shape.trained:,} trained (the language model), {frozen:,} frozen (vision / audio towers and "
+             "projectors: no gradients, no optimizer states)" if frozen else "all trained"]
+    if shape.active_params is not None and shape.active_params < shape.total_params:
+        parts.append(f"{shape.active_params:,} active per token (mixture of experts: {shape.experts_per_token} "
+                     "experts per token; the states of all experts are counted)")
+    head_dims = sorted({q // shape.num_heads for q, _, _ in shape.layers()})
     return ["## Model", "",
-            f"{_shown(model_path)} ({shape.model_type}): {shape.total_params:,} parameters, largest layer "
-            f"{shape.largest_layer_params:,}; {shape.num_layers} layers, hidden {shape.hidden_size}, MLP "
-            f"{shape.intermediate_size}, {shape.num_heads} heads ({shape.num_kv_heads} key/value) of "
-            f"{shape.head_dim}, vocabulary {shape.vocab_size:,}. Counted from the model built on the meta device "
-            "(no weights read).", ""]
+            f"{_shown(model_path)} ({shape.model_type}): {shape.total_params:,} parameters ({'; '.join(parts)}), "
+            f"largest layer {shape.largest_layer_params:,}; {shape.num_layers} layers, hidden {shape.hidden_size}, "
+            f"MLP {shape.intermediate_size}, {shape.num_heads} heads ({shape.num_kv_heads} key/value) of "
+            f"{' / '.join(map(str, head_dims))}, vocabulary {shape.vocab_size:,}. Counted from the model built on "
+            "the meta device (no weights read).", ""]
 
 
 def _data_section(cfg: Config, splits: dict[str, Split], padding: dict[str, float]) -> list[str]:

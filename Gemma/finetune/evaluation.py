@@ -14,9 +14,8 @@ from transformers import GenerationConfig
 from .batching import SupervisedPositionsCollator
 from .config import Config
 from .data import Split
-from .gemma import END_OF_TURN
 from .metrics import score_predictions
-from .prompts import prompt_length
+from .prompts import PromptEncoder, prompt_length
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +33,10 @@ def target_losses(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return sums / counts, counts
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                     synced: bool, device: Any) -> list[str]:
-    """Greedy answers for a batch of prompts (left-padded), cut at <end_of_turn>."""
-    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, synced: bool,
+                     device: Any, end_of_turn_id: int) -> list[str]:
+    """Greedy answers for a batch of prompts (left-padded), cut where the model's turn ends."""
+    eot = end_of_turn_id
     pad, width = tokenizer.pad_token_id, max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -55,7 +54,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
 
 
 def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[str], targets: list[str],
-                  batch_size: int, max_new_tokens: int, device: Any) -> list[dict] | None:
+                  batch_size: int, max_new_tokens: int, device: Any, end_of_turn_id: int) -> list[dict] | None:
     """Per-example target loss and greedy answer for every example, sharded over the ranks. Every rank runs the
     same number of batches (ZeRO-3 forwards are collective), padding its shard by repeating an example whose
     result is then dropped. Returns the rows in input order on rank 0, None elsewhere."""
@@ -74,7 +73,7 @@ def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[st
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
             losses, counts = target_losses(model, batch)
             prompts = [examples[i]["input_ids"][:prompt_length(examples[i])] for i in idx]
-            answers = generate_answers(model, tokenizer, prompts, max_new_tokens, synced=world > 1, device=device)
+            answers = generate_answers(model, tokenizer, prompts, max_new_tokens, world > 1, device, end_of_turn_id)
             for j, i in enumerate(idx):
                 rows.append({"index": i, "id": ids[i], "target": targets[i], "prediction": answers[j],
                              "loss": losses[j].item(), "target_tokens": int(counts[j])})
@@ -89,14 +88,14 @@ def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[st
     return ordered
 
 
-def run_test_evaluation(model: Any, tokenizer: Any, test: Split, cfg: Config,
+def run_test_evaluation(model: Any, encoder: PromptEncoder, test: Split, cfg: Config,
                         device: Any) -> tuple[dict, list[dict]] | None:
     """Test loss, perplexity and greedy answers: (metrics, prediction rows) on rank 0, None elsewhere. `device` is
     where the Trainer runs: under ZeRO-3 the parameters are placeholders that cannot say."""
     n = min(len(test.examples), cfg.evaluation.max_test_examples or len(test.examples))
     logger.info("Test evaluation: loss and greedy answers for %d of %d test examples.", n, len(test.examples))
-    rows = evaluate_test(model, tokenizer, test.examples[:n], test.ids[:n], test.targets[:n],
-                         cfg.training.eval_batch_size, cfg.evaluation.max_new_tokens, device)
+    rows = evaluate_test(model, encoder.tokenizer, test.examples[:n], test.ids[:n], test.targets[:n],
+                         cfg.training.eval_batch_size, cfg.evaluation.max_new_tokens, device, encoder.end_of_turn_id)
     if rows is None:
         return None
     metrics = score_predictions(rows, len(test.examples))

@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from .config import Config, DeepSpeedChoices
 from .data import SplitStats
+from .gemma import family_of
+from .modeling import attention_implementation, layer_configs, trained_parameters
 
 GIB = 1024**3
 GPU_USABLE_FRACTION = 0.9  # headroom for the CUDA context, communication buffers and allocator fragmentation
@@ -41,7 +43,22 @@ class ModelShape:
     vocab_size: int
     attn_softcapping: bool  # Gemma 2: tanh on the attention scores keeps one more score-sized tensor
     final_softcapping: bool
-    qk_norm: bool  # Gemma 3 normalises queries and keys
+    qk_norm: bool  # Gemma 3 and later normalise queries and keys
+    trained_params: int | None = None  # the language model's (towers of multimodal models are frozen); None: all
+    active_params: int | None = None  # per token: a mixture of experts runs top_k of its experts; None: all
+    # (query width, key/value width, MLP width) of each decoder layer where layers differ (Gemma 4's full-attention
+    # layers have a head_dim of their own); None: num_heads x head_dim, num_kv_heads x head_dim, intermediate_size
+    layer_dims: list[tuple[int, int, int]] | None = None
+    experts_per_token: int = 0  # mixture of experts: top_k experts of moe_intermediate_size each, in every layer
+    moe_intermediate_size: int = 0
+
+    @property
+    def trained(self) -> int:
+        return self.total_params if self.trained_params is None else self.trained_params
+
+    def layers(self) -> list[tuple[int, int, int]]:
+        return self.layer_dims or [(self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                    self.intermediate_size)] * self.num_layers
 
 
 @dataclass
@@ -62,20 +79,33 @@ def count_model_parameters(model: Any) -> tuple[int, int]:
 
 
 def model_shape(config: Any) -> ModelShape:
-    """Build the model from its config on the meta device: exact counts without memory (Gemma 2 27B: seconds)."""
+    """Build the model from its config on the meta device: exact counts without memory (Gemma 2 27B: seconds). What
+    is trained (the language model) and, for a mixture of experts, what runs per token are counted too. Dimensions
+    are read per layer: Gemma 4's full-attention layers have a head_dim and key/value heads of their own."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config, "eager"))
     total, largest = count_model_parameters(model)
+    trained = trained_parameters(model)
+    family = family_of(config.model_type)
+    experts = sum(p.numel() for m in model.modules() if family and type(m).__name__ in family.moe_blocks
+                  for p in m.parameters())
     text = config.get_text_config()
-    heads = text.num_attention_heads
+    heads, top_k = text.num_attention_heads, getattr(text, "top_k_experts", None) or 0
+    layers = [(heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size)
+              for c in layer_configs(config)]
+    first = layer_configs(config)[0]
     return ModelShape(
         model_type=config.model_type, total_params=total, largest_layer_params=largest,
-        num_layers=text.num_hidden_layers, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
-        num_heads=heads, num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab_size=text.vocab_size,
+        num_layers=text.num_hidden_layers, hidden_size=text.hidden_size, intermediate_size=first.intermediate_size,
+        num_heads=heads, num_kv_heads=first.num_key_value_heads, head_dim=first.head_dim, vocab_size=text.vocab_size,
         attn_softcapping=bool(getattr(text, "attn_logit_softcapping", None)),
         final_softcapping=bool(getattr(text, "final_logit_softcapping", None)),
-        qk_norm=config.model_type.startswith("gemma3"),
+        qk_norm=config.model_type.startswith(("gemma3", "gemma4")),
+        trained_params=sum(p.numel() for p in model.parameters() if id(p) in trained),
+        active_params=total - experts + experts * top_k // max(1, getattr(text, "num_experts", None) or 1),
+        layer_dims=layers if len(set(layers)) > 1 else None,
+        experts_per_token=top_k if experts else 0,
+        moe_intermediate_size=getattr(text, "moe_intermediate_size", None) or 0,
     )
 
 
@@ -85,12 +115,13 @@ def model_states_bytes(shape: ModelShape, hw: Hardware, offload_optimizer: bool,
     arithmetic of deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs. Per GPU: the largest layer
     gathered (16-bit weights and gradients, 4 bytes each), plus this GPU's shard of the 2-byte parameters unless they
     are offloaded, plus its shard of the 16 bytes/parameter of gradients, fp32 master weights and Adam moments unless
-    the optimizer is offloaded. DeepSpeed leaves out parameter-only offload; it follows the same terms here."""
-    p, gpus = shape.total_params, hw.gpus_per_node * hw.nodes
+    the optimizer is offloaded. DeepSpeed leaves out parameter-only offload; it follows the same terms here. Only
+    trained parameters have gradients and optimizer states: frozen towers cost their 2 bytes per parameter."""
+    p, trained, gpus = shape.total_params, shape.trained, hw.gpus_per_node * hw.nodes
     largest = 4 * shape.largest_layer_params
-    gpu = largest + int((2 * (not offload_params) + 16 * (not offload_optimizer)) * p / gpus)
+    gpu = largest + int((2 * p * (not offload_params) + 16 * trained * (not offload_optimizer)) / gpus)
     if offload_optimizer or offload_params:
-        host = p * (16 * offload_optimizer + 2 * offload_params) / hw.nodes * buffer_factor
+        host = (16 * trained * offload_optimizer + 2 * p * offload_params) / hw.nodes * buffer_factor
         if not offload_optimizer:  # parameter-only offload: the gathered layers still pass through the host
             host = max(host, largest * hw.gpus_per_node * buffer_factor)
     else:
@@ -108,23 +139,25 @@ def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, supervise
     probabilities (fp32 and bf16 copies, plus the soft-capped scores in Gemma 2) for every key. Then the final norm,
     and logits only at the supervised positions (bf16 logits, their fp32 copy in the loss and its gradient). With
     checkpointing, backward recomputes one layer at a time on top of what the forward pass left."""
-    h, inter = shape.hidden_size, shape.intermediate_size
-    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    per_token = 4 * 8 * h + 2 * 2 * h + 2 * 2 * (q + kv) + 2 * q + 4 * 2 * inter
-    if shape.qk_norm:
-        per_token += 8 * (q + kv)
-    if attn == "eager":  # keys and values repeated to every head, then the score-sized tensors
-        per_token += 2 * 2 * q + shape.num_heads * seq_len * (4 + 2 + 2 * shape.attn_softcapping)
-    else:  # sdpa / flash attention keep q, the repeated k and v, the output and a log-sum-exp per head
-        per_token += 2 * 4 * q + 4 * shape.num_heads
-    tokens = batch_size * seq_len
-    layer = tokens * per_token
+    h, tokens = shape.hidden_size, batch_size * seq_len
+
+    def per_token(q: int, kv: int, inter: int) -> int:
+        n = 4 * 8 * h + 2 * 2 * h + 2 * 2 * (q + kv) + 2 * q + 4 * 2 * inter
+        n += 4 * 2 * shape.moe_intermediate_size * shape.experts_per_token  # the experts each token is routed to
+        if shape.qk_norm:
+            n += 8 * (q + kv)
+        if attn == "eager":  # keys and values repeated to every head, then the score-sized tensors
+            return n + 2 * 2 * q + shape.num_heads * seq_len * (4 + 2 + 2 * shape.attn_softcapping)
+        return n + 2 * 4 * q + 4 * shape.num_heads  # sdpa / flash: q, repeated k and v, output, log-sum-exp
+
+    layers = [tokens * per_token(q, kv, inter) for q, kv, inter in shape.layers()]
+    layer = max(layers)  # checkpointing recomputes one layer at a time: the largest
     logit_bytes = 2 + 4 + 4 + 4 * shape.final_softcapping
     logits = supervised_tokens * shape.vocab_size * logit_bytes
     final_norm = tokens * 8 * h
     layer_inputs = shape.num_layers * tokens * 2 * h  # what checkpointing keeps: each decoder layer's input
     if not checkpointing:
-        held, host = shape.num_layers * layer, 0
+        held, host = sum(layers), 0
     elif cpu_checkpointing:
         held, host = 0, layer_inputs  # the inputs wait in host memory
     else:

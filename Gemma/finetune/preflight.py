@@ -1,5 +1,6 @@
 """Checks of what the installed libraries will accept, made before any weights load: the reporting integrations,
-the attention kernel, and the DeepSpeed config as transformers fills it and DeepSpeed's own config model parses it.
+the attention kernel, what the model class supports, and the DeepSpeed config as transformers fills it and
+DeepSpeed's own config model parses it.
 Each problem is a UserError message naming the key or file and the fix; all are reported together."""
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime import lr_schedules
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
-from transformers import TrainingArguments
+from transformers import AutoModel, AutoModelForCausalLM, TimmWrapperModel, TrainingArguments
 from transformers.integrations import HfTrainerDeepSpeedConfig
 from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
                                                          get_available_reporting_integrations)
-from transformers.utils import is_flash_attn_2_available
+from transformers.utils import is_flash_attn_2_available, is_timm_available
 
 from .config import Config
 from .errors import UserError
+from .gemma import precision_problem
+from .modeling import layer_configs
 
 
 def environment_problems(cfg: Config) -> list[str]:
@@ -42,6 +45,45 @@ def environment_problems(cfg: Config) -> list[str]:
                         "which this machine lacks; `pip install flash-attn` on a GPU machine, or use \"sdpa\" or "
                         "\"eager\".")
     return problems
+
+
+FLASH_ATTENTION_MAX_HEAD_DIM = 256  # flash-attn 2's kernels
+
+
+def model_class(model_config: Any) -> type:
+    """The class AutoModelForCausalLM builds from this config (multimodal Gemmas: ...ForConditionalGeneration)."""
+    return AutoModelForCausalLM._model_mapping[type(model_config)]
+
+
+def architecture_problems(cfg: Config, model_config: Any) -> list[str]:
+    """What the model class itself refuses, known from the config alone: an attention implementation it does not
+    support (its own _supports_sdpa / _supports_flash_attn flags), head dims above flash-attn's limit, fp16 in the
+    families it overflows in."""
+    problems, attn, cls = [], cfg.model.attn_implementation, model_class(model_config)
+    supported = {"eager": True, "sdpa": getattr(cls, "_supports_sdpa", False),
+                 "flash_attention_2": getattr(cls, "_supports_flash_attn", False)}
+    if not supported[attn]:
+        choices = " or ".join(f'"{a}"' for a, ok in supported.items() if ok)
+        problems.append(f"model.attn_implementation: {cls.__name__} does not support {attn}; use {choices}.")
+    elif attn == "flash_attention_2":
+        widest = max((getattr(layer, "head_dim", None) or 0) for layer in layer_configs(model_config))
+        if widest > FLASH_ATTENTION_MAX_HEAD_DIM:
+            problems.append(f"model.attn_implementation: flash_attention_2 takes head dims up to "
+                            f"{FLASH_ATTENTION_MAX_HEAD_DIM}, and this model's attention layers use {widest}; use "
+                            "\"sdpa\".")
+    if (problem := precision_problem(model_config.model_type, cfg.model.dtype)) is not None:
+        problems.append(problem)
+    if _timm_towers(model_config) and not is_timm_available():
+        problems.append(f"model.model_name_or_path: {cls.__name__} builds its vision tower with timm "
+                        f"({', '.join(_timm_towers(model_config))}), which is not installed; `pip install "
+                        "'timm>=1.0.23'` (the tower stays frozen, but it is part of the checkpoint).")
+    return problems
+
+
+def _timm_towers(model_config: Any) -> list[str]:
+    """The sub-models (Gemma 3n's MobileNet vision tower) that transformers builds through its timm wrapper."""
+    return [name for name in getattr(model_config, "sub_configs", {})
+            if AutoModel._model_mapping.get(type(getattr(model_config, name, None)), None) is TimmWrapperModel]
 
 
 def trainer_arguments_like(cfg: Config, world_size: int) -> SimpleNamespace:
@@ -108,7 +150,7 @@ def deepspeed_source(custom: Path | None) -> str:
 def check_before_loading(cfg: Config, ds_config: dict, args: Any, model_config: Any, steps: int,
                          custom: Path | None) -> None:
     """Every check above, reported together before the model loads."""
-    problems = environment_problems(cfg) + deepspeed_problems(ds_config, args, model_config, steps,
-                                                              deepspeed_source(custom))
+    problems = (environment_problems(cfg) + architecture_problems(cfg, model_config)
+                + deepspeed_problems(ds_config, args, model_config, steps, deepspeed_source(custom)))
     if problems:
         raise UserError(problems)

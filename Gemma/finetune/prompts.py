@@ -1,4 +1,4 @@
-"""Records -> the user turn -> token ids and labels.
+"""Records -> the user turn -> token ids and labels, in the tokenizer's chat format (chat_format.py).
 
 The user turn holds the prompt's sections in order (each shown when PromptConfig's include_<name> is true), then the
 query. A new section is one entry in SECTIONS, a field of that name in config.FieldNames and an include_<name> key in
@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import PromptConfig
 from .errors import UserError
-from .gemma import END_OF_TURN, START_OF_TURN
+from .chat_format import ChatFormat
 
 IGNORE_INDEX = -100  # label value the loss skips (torch's CrossEntropyLoss default)
 CONTROL_TOKEN_SHAPE = re.compile(r"<[^<>\s]{1,40}>")
@@ -114,15 +114,19 @@ def load_tokenizer(path: str):
 
 
 class PromptEncoder:
-    """Turns records into token ids and labels with the tokenizer's chat template, or Gemma's turn format when the
-    tokenizer has none (Gemma 3 270M's has none). Labels cover only the target and its <end_of_turn>."""
+    """Turns records into token ids and labels in the tokenizer's chat format (chat_format.ChatFormat: its chat
+    template, or Gemma's turn format when it has none). Labels cover only the target and the token that closes a
+    model turn (<end_of_turn>, <turn|>)."""
 
-    def __init__(self, tokenizer: Any, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
-            raise UserError(f"the tokenizer has no {END_OF_TURN} token: is model.model_name_or_path a Gemma model?")
+    def __init__(self, tokenizer: Any, max_length: int, *, system: str | None = None, thinking: bool = False):
+        self.tokenizer, self.max_length, self.system = tokenizer, max_length, system
+        self.chat = ChatFormat.of(tokenizer, thinking)
+        self.end_of_turn_id = self.chat.end_of_turn_id
         self.bos_id = tokenizer.bos_token_id
+
+    @classmethod
+    def for_prompt(cls, tokenizer: Any, max_length: int, prompt: PromptConfig) -> PromptEncoder:
+        return cls(tokenizer, max_length, system=prompt.system, thinking=prompt.enable_thinking)
 
     @functools.cached_property
     def _control_tokens(self) -> tuple[set[str], re.Pattern]:
@@ -139,25 +143,21 @@ class PromptEncoder:
         return list(dict.fromkeys(m for m in pattern.findall(text) if m in special))
 
     def check_fixed_parts(self) -> None:
-        """The turn markers, BOS and the query label alone must leave room for a target."""
-        fixed = self.template_length() + 2  # + one target token + <end_of_turn>
+        """The turn markers, BOS, a system text and the query label alone must leave room for a target."""
+        fixed = self.template_length() + 2  # + one target token + the end of the model's turn
         if self.max_length < fixed:
             raise UserError(f"training.max_length={self.max_length} is smaller than the fixed prompt parts "
-                            f"({fixed} tokens: BOS, turn markers, section labels and a one-token answer). Raise "
-                            "training.max_length (256 or more is typical).")
+                            f"({fixed} tokens: BOS, turn markers, the system text, section labels and a one-token "
+                            "answer). Raise training.max_length (256 or more is typical).")
 
     def template_length(self) -> int:
-        """Tokens of a prompt with no section and an empty query: BOS, turn markers and the query label."""
+        """Tokens of a prompt with no section and an empty query: BOS, turn markers, the system text and the query
+        label."""
         empty = {section.name: None for section in SECTIONS} | {"query": ""}
         return len(self.prompt_ids(render_user_message(empty, PromptConfig(), 0)))
 
     def prompt_text(self, user_message: str) -> str:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
-            )
-        bos = self.tokenizer.bos_token or ""
-        return f"{bos}{START_OF_TURN}user\n{user_message.strip()}{END_OF_TURN}\n{START_OF_TURN}model\n"
+        return self.chat.prompt_text(self.tokenizer, user_message, self.system)
 
     def prompt_ids(self, user_message: str) -> list[int]:
         ids = self.tokenizer(self.prompt_text(user_message), add_special_tokens=False)["input_ids"]

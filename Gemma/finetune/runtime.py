@@ -38,8 +38,9 @@ def configure_logging(rank: int) -> None:
 def check_precision(dtype: str, cuda: bool, bf16_supported: bool, device_name: str) -> list[str]:
     """bf16 needs an Ampere or newer GPU (A100, H100, ...). CPUs run DeepSpeed's bf16 engine, so they pass."""
     if dtype == "bfloat16" and cuda and not bf16_supported:
-        return [f"model.dtype is bfloat16 but {device_name} has no bf16 support. Set model.dtype to float16 (with "
-                "DeepSpeed's loss scaling) or float32 in config.json, or pass --set model.dtype=float32."]
+        return [f"model.dtype is bfloat16 but {device_name} has no bf16 support. Set model.dtype to float32 in "
+                "config.json, or pass --set model.dtype=float32 (float16, with DeepSpeed's loss scaling, is an option "
+                "for Gemma 1 and 2 only: Gemma 3 and later overflow in it)."]
     return []
 
 
@@ -95,18 +96,25 @@ class Runtime:
     def __init__(self, rank: int, world_size: int, cpu_only: bool):
         self.rank, self.world_size, self.cpu_only = rank, world_size, cpu_only
         self.watch = StartupWatch()
+        self.stop: StoppedBySignal | None = None
 
     def phase(self, description: str | None) -> None:
-        """What this process is busy with until the first training step (None: training is under way)."""
+        """What this process is busy with until the first training step (None: training is under way). A signal
+        that came meanwhile ends the run here at the latest (see _on_signal)."""
+        if self.stop is not None:
+            raise self.stop
         self.watch.enter(description)
         if description is None:
             self.watch.stop()
 
     def _on_signal(self, signum, frame) -> None:
+        """Stop now. The exception raises wherever Python happens to be; inside a finaliser (__del__) Python ignores
+        it, so it is also kept, and the next phase raises it again."""
         name, code = ("SIGTERM", EXIT_PREEMPTED) if signum == signal.SIGTERM else ("Ctrl-C", EXIT_INTERRUPTED)
-        raise StoppedBySignal(f"stopped by {name} while {self.watch.phase or 'training'}; nothing was saved after "
-                              "the last checkpoint. Rerun the same command (with --resume_from_checkpoint auto if a "
-                              "checkpoint was saved) to continue.", code)
+        self.stop = StoppedBySignal(f"stopped by {name} while {self.watch.phase or 'training'}; nothing was saved "
+                                    "after the last checkpoint. Rerun the same command (with --resume_from_checkpoint "
+                                    "auto if a checkpoint was saved) to continue.", code)
+        raise self.stop
 
     @classmethod
     def start(cls, dtype: str) -> Runtime:

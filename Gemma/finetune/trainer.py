@@ -17,49 +17,21 @@ from typing import Any
 import datasets
 import torch
 import torch.distributed as dist
-from transformers import (AutoConfig, AutoModelForCausalLM, PretrainedConfig, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .activation_offload import ActivationOffloadCallback, OffloadStats, activation_offload_for
 from .batching import LengthGroupedSampler, SupervisedPositionsCollator, use_padding_free
+from .chat_format import ChatFormat
 from .config import Ablation, Config
 from .data import Split, overlap
 from .deepspeed_config import cpu_checkpointing
-from .errors import UserError
 from .faults import FaultGuard
-from .gemma import gemma_problem
 from .memory_plan import MemoryPlan, memory_plan_summary
+from .modeling import load_model, parameter_counts
 from .outputs import FINAL_DIRNAME, library_versions, loss_summary
-from .prompts import load_pretrained
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-
-def load_model_config(path: str) -> PretrainedConfig:
-    """The model's config, which must be a Gemma's (a local directory was checked before; a hub id is checked here)."""
-    config = load_pretrained(AutoConfig, path, "model.model_name_or_path")
-    problem = gemma_problem(config.model_type, path)
-    if problem:
-        raise UserError(problem)
-    return config
-
-
-def hidden_size(config: PretrainedConfig) -> int:
-    """The text decoder's hidden size, wherever the config keeps it (multimodal Gemma 3 4B+: in text_config)."""
-    size = getattr(config.get_text_config(), "hidden_size", None)
-    if size is None:
-        raise UserError("the model config has no hidden_size (top level or text_config); pass --deepspeed_config "
-                        "with explicit reduce_bucket_size / stage3_prefetch_bucket_size values.")
-    return size
-
-
-def load_model(path: str, cfg: Config):
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
-    )
-    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-    return model
 
 
 def as_dataset(examples: list[dict]) -> datasets.Dataset:
@@ -221,7 +193,7 @@ def build_trainer(cfg: Config, model_path: str, training_args: TrainingArguments
                 "%d processes.", world_size, t.global_batch(world_size), t.batch_size, t.gradient_accumulation_steps,
                 world_size)
     return GuardedTrainer(
-        model=load_model(model_path, cfg),
+        model=load_model(model_path, cfg),  # with what is not trained (vision / audio towers) frozen
         args=training_args,
         train_dataset=as_dataset(splits["train"].examples) if "train" in splits else None,
         eval_dataset=as_dataset(splits["validation"].examples) if "validation" in splits else None,
@@ -265,9 +237,16 @@ def validation_metrics(trainer: Trainer) -> dict:
     return evaluation_at(trainer.state.log_history, trainer.state.global_step) or trainer.evaluate()
 
 
-def save_final_model(trainer: Trainer, output_dir: Path, rank: int) -> Path:
-    """final/: consolidated 16-bit weights (gathered by every rank) + tokenizer, renamed into place when complete."""
+def save_final_model(trainer: Trainer, output_dir: Path, rank: int, chat: ChatFormat) -> Path:
+    """final/: consolidated 16-bit weights (gathered by every rank) + tokenizer, renamed into place when complete;
+    ready for the clients users load it with: generation stops where a model turn ends, and the tokenizer's chat
+    template (the one training used, Gemma's when the base tokenizer had none) rebuilds the training prompt."""
     staging, final = output_dir / f".{FINAL_DIRNAME}.tmp", output_dir / FINAL_DIRNAME
+    generation = trainer.model.generation_config
+    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    generation.eos_token_id = list(dict.fromkeys([chat.end_of_turn_id, *(t for t in eos if t is not None)]))
+    if chat.template_given:
+        trainer.processing_class.chat_template = chat.template
     config = trainer.model.config
     config.use_cache = True  # users generate from final/: give them the cache back ...
     try:
@@ -302,6 +281,7 @@ def training_results(trainer: GuardedTrainer, train_metrics: dict, cfg: Config, 
         "examples": {name: dataclasses.asdict(split.stats) for name, split in splits.items()},
         "data_overlap": overlap(splits),  # empty unless data.allow_overlap let shared examples through
         "deepspeed": describe_engine(trainer),
+        "parameters": parameter_counts(trainer.model),  # trained (the language model) and frozen (towers)
         "memory_plan": memory_plan_summary(memory) if memory is not None else None,
         "batching": {"padding_free": use_padding_free(cfg), "group_by_length": trainer.sampler is not None},
         "throughput": throughput,
