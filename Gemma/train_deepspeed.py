@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.config import Ablation, Config
+from finetune.config import Ablation, Config, LoraConfig
 from finetune.deepspeed_config import load_custom_deepspeed_config
 from finetune.errors import EXIT_INTERRUPTED, UserError
 from finetune.outputs import (DRY_RUN_DIRNAME, DS_CONFIG_DIRNAME, IDENTITY_NAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME,
@@ -234,7 +234,7 @@ def deepspeed_config_for(plan: RunPlan, model_config: Any, split: Any, hardware:
     memory = None
     if hardware is not None or (plan.custom_ds is None and "auto" in (choices.offload_optimizer,
                                                                       choices.offload_params)):
-        memory = plan_memory_for_split(model_shape(model_config), plan.cfg, hardware or detect_hardware(),
+        memory = plan_memory_for_split(model_shape(model_config, plan.cfg.lora), plan.cfg, hardware or detect_hardware(),
                                        split.stats, use_padding_free(plan.cfg))
         if hardware is None:
             logger.info("Offload \"auto\": optimizer %s, parameters %s (%s).", memory.offload_optimizer,
@@ -294,7 +294,8 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> Path:
                                              plan.resume),
                        "resume_changes": plan.resume_changes, "data_files": plan.identity["data_files"],
                        "model_identity": plan.identity["model"]}
-            final = tr.save_final_model(trainer, plan.output_dir, runtime.rank, encoder.chat)
+            final = tr.save_final_model(trainer, plan.output_dir, runtime.rank, encoder.chat, plan.cfg,
+                                         plan.model_path)
             tested = (run_test_evaluation(trainer.model, encoder, splits["test"], plan.cfg, trainer.args.device)
                       if "test" in splits else None)
             if runtime.rank == 0:
@@ -335,6 +336,7 @@ def evaluate_only(args: argparse.Namespace) -> Path:
     """--do_eval_only: the test-set evaluation of a finished run's final/ model, with the prompt it was trained
     with; results.json keeps the training results and gets a new test section, which says which test set it is."""
     started, plan = time.time(), plan_run(args)
+    plan.cfg = dataclasses.replace(plan.cfg, lora=LoraConfig())  # a LoRA run's final/ is merged: no adapters to add
     with OutputLock(plan.output_dir, held_here=int(os.environ.get("RANK", "0")) == 0):
         tokenizer, encoder, splits = prepare_data(plan, ("test",))
         test = splits["test"]

@@ -56,6 +56,11 @@ benchmarks/results/gpu_check_cpu_smoke.* unless --out_dir says elsewhere):
 
     .venv/bin/python benchmarks/gpu_check.py --cpu_smoke --out_dir /tmp/gpu_check_smoke
 
+LoRA instead of full fine-tuning (every dry run and training run with --set lora.enabled=true; on the GPU, a second
+call after the full one: `bash benchmarks/gpu_check.sh --lora`):
+
+    .venv/bin/python benchmarks/gpu_check.py --cpu_smoke --lora --out_dir /tmp/gpu_check_smoke_lora
+
 The real models' plan without a GPU, e.g. the 270M for 2 steps (about 2.5 minutes here):
 
     .venv/bin/python benchmarks/gpu_check.py --allow_cpu --models gemma-3-270m --offloads both --steps 2 \
@@ -209,6 +214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: by GPU name)")
     p.add_argument("--try_unfitting", action="store_true",
                    help="also run choices whose estimate exceeds 90%% of the GPU (never those over the host memory)")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA runs (--set lora.enabled=true, r 16, all-linear) instead of full fine-tuning, dry runs "
+                        "included; model FLOPs are then 4 x the base parameters per token (no weight gradients)")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep the random-weight checkpoints")
     p.add_argument("--worker", choices=("probe", "build_checkpoint", "build_op"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker_args", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -466,12 +474,12 @@ def rel(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def set_args(spec: ModelSpec, model_dir: Path, tokenizer: Path, steps: int) -> list[str]:
+def set_args(spec: ModelSpec, model_dir: Path, tokenizer: Path, steps: int, lora: bool) -> list[str]:
     """The --set values every launch of a model shares (dry run and training runs alike)."""
     values = {"model.model_name_or_path": rel(model_dir), "model.tokenizer_name_or_path": rel(tokenizer),
               "model.attn_implementation": spec.attn, "training.max_steps": str(steps),
               "training.eval_steps": "null", "data.validation_file": "null", "data.test_file": "null",
-              "training.save_steps": "1000000", "training.logging_steps": "1"}
+              "training.save_steps": "1000000", "training.logging_steps": "1", "lora.enabled": str(lora).lower()}
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
@@ -524,7 +532,7 @@ def skip_reason(estimate: dict | None, try_unfitting: bool) -> str | None:
 
 
 def run_row(spec: ModelSpec, offload: str, outcome: Outcome, run_dir: Path, estimate: dict | None,
-            counts: dict, peak_flops: float | None) -> dict:
+            counts: dict, peak_flops: float | None, lora: bool = False) -> dict:
     """The row of the report: what results.json says, next to the dry run's estimate for the same choice."""
     opt, par = OFFLOADS[offload]
     row = {"model": spec.key, "label": spec.label, "attn": spec.attn, "offload": offload, "offload_optimizer": opt,
@@ -551,11 +559,14 @@ def run_row(spec: ModelSpec, offload: str, outcome: Outcome, run_dir: Path, esti
                wall_time_s=results.get("wall_time_s"), versions=results.get("versions"))
     engine = results["deepspeed"]  # what DeepSpeed ran, read back from the engine
     row["engine_offload"] = f"{engine.get('offload_optimizer')}/{engine.get('offload_param')}"
-    trained = counts["trained"]
-    row["model_flops_per_token"] = 6 * trained
-    row["model_tflops_per_second"] = round(6 * trained * steady / 1e12, 2)
-    row["mfu"] = round(6 * trained * steady / peak_flops, 5) if peak_flops else None
-    row["mfu_without_embeddings"] = (round(6 * (trained - counts["trained_embedding"]) * steady / peak_flops, 5)
+    # Forward 2N and input gradients 2N per token, plus 2N of weight gradients when every weight trains (not LoRA's
+    # frozen base; its adapters' FLOPs are a fraction of a percent).
+    trained, factor = counts["trained"], 4 if lora else 6
+    row["lora"] = lora
+    row["model_flops_per_token"] = factor * trained
+    row["model_tflops_per_second"] = round(factor * trained * steady / 1e12, 2)
+    row["mfu"] = round(factor * trained * steady / peak_flops, 5) if peak_flops else None
+    row["mfu_without_embeddings"] = (round(factor * (trained - counts["trained_embedding"]) * steady / peak_flops, 5)
                                      if peak_flops else None)
     return row
 
@@ -654,7 +665,7 @@ def start_background(check: Check, models: list[tuple[ModelSpec, Path]], tokeniz
     for spec, config_dir in models:
         out = check.work / spec.key / "dry_run_out"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = dry_run_cmd(set_args(spec, config_dir, tokenizer, check.args.steps), out, check.gpu_gib, check.host_gib)
+        cmd = dry_run_cmd(set_args(spec, config_dir, tokenizer, check.args.steps, check.args.lora), out, check.gpu_gib, check.host_gib)
         jobs[f"dry_run {spec.key}"] = start(f"dry run {spec.key}", cmd, check.logs / f"dry_run_{spec.key}.log",
                                             check.budget.timeout(240))
     return jobs
@@ -716,7 +727,7 @@ def check_model(check: Check, spec: ModelSpec, config_dir: Path, tokenizer: Path
         return
     ckpt, counts = built
     entry["counts"] = counts
-    shared = set_args(spec, ckpt, tokenizer, check.args.steps)
+    shared = set_args(spec, ckpt, tokenizer, check.args.steps, check.args.lora)
     for offload in spec.offloads:
         reason = reasons[offload]
         if reason is None and check.budget.left() < spec.min_run_s:
@@ -730,7 +741,7 @@ def check_model(check: Check, spec: ModelSpec, config_dir: Path, tokenizer: Path
         outcome = run(f"train {spec.key} offload {offload}", train_cmd(shared, run_dir, offload),
                       check.logs / f"train_{spec.key}_{offload}.log", check.budget.timeout(spec.train_timeout_s))
         check.rows.append(run_row(spec, offload, outcome, run_dir, estimates.get(offload), counts,
-                                  check.peak_flops))
+                                  check.peak_flops, check.args.lora))
         shutil.rmtree(run_dir / "final", ignore_errors=True)  # the figures are read; the disk is small
     if not check.args.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -782,8 +793,8 @@ def in_model_order(rows: list[dict]) -> list[dict]:
 
 def results_table(rows: list[dict]) -> list[str]:
     lines = ["| model | offload | status | s/step | tokens/s (results.json) | tokens/s steady | peak GPU GiB "
-             "(allocated) | estimate GiB / GPU | peak / estimate | estimate host GiB | peak RSS GiB | MFU (6N) | "
-             "MFU (6N, no embeddings) | loss step 1 → N | launch s |",
+             "(allocated) | estimate GiB / GPU | peak / estimate | estimate host GiB | peak RSS GiB | MFU | "
+             "MFU (no embeddings) | loss step 1 → N | launch s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in in_model_order(rows):
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}**: {r.get('error', '')}"
@@ -791,7 +802,7 @@ def results_table(rows: list[dict]) -> list[str]:
         loss = (f"{r['first_loss']:.2f} → {r['last_loss']:.2f}" if r.get("first_loss") is not None
                 and r.get("last_loss") is not None else "")
         lines.append(
-            f"| {r['label']} ({r['attn']}) | {r['offload']}{engine} | {status} | "
+            f"| {r['label']} ({r['attn']}{', LoRA' if r.get('lora') else ''}) | {r['offload']}{engine} | {status} | "
             f"{fmt(r.get('seconds_per_step'), '.3f')} | {fmt(r.get('tokens_per_second'), '.0f')} | "
             f"{fmt(r.get('steady_tokens_per_second'), '.0f')} | "
             f"{gib(r.get('peak_gpu_memory_bytes'), 2)} | {gib(r.get('estimate_total_gpu_bytes'), 2)} | "
@@ -836,7 +847,8 @@ def report_markdown(check: Check, tokenizer: Path | None, command: str) -> str:
               "throughput.peak_gpu_memory_bytes, torch.cuda.max_memory_allocated (not the allocator's reserve, nor the "
               "CUDA context). Estimate: the dry run's memory.options[...].total_gpu for the same offload choice "
               "(model states by DeepSpeed's ZeRO-3 arithmetic + activations of the longest micro-batch). "
-              "MFU = 6 x trained parameters x steady tokens/s / peak: an approximation that overstates the work, "
+              "MFU = 6 x trained parameters (LoRA: 4 x the base's, no weight gradients) x steady tokens/s / peak: an "
+              "approximation that overstates the work, "
               "since the LM head runs only at the supervised positions and embedding tables are lookups; "
               "recomputation by activation checkpointing is not counted.", ""]
     lines += ["## Models", "", "| model | config | class | parameters | trained (language model) | "

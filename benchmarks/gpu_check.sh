@@ -21,7 +21,7 @@ if [ "${1:-}" = "prepare" ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
     datasets==5.2.0 transformers==5.24.0 hjson==3.1.0 dill==0.4.1 multiprocess==0.70.19 pydantic==2.14.4 \
-    pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 fsspec==2026.9.0
+    pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 fsspec==2026.9.0 peft==0.21.2
   # deepspeed is a source archive on PyPI: build its pure-Python wheel (its ops compile on first use, on the GPU).
   .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
   # The demo tokenizer (git-ignored, made by setup.sh), xz-compressed: 3.5 MB instead of 33 MB.

@@ -1,43 +1,80 @@
-"""Speed benchmark: Gemma/train_deepspeed.py against a bare PyTorch loop and TRL's SFTTrainer, on the CPU.
+"""Speed benchmark on the CPU: Gemma/train_deepspeed.py vs TRL's SFTTrainer (full and LoRA each) vs a bare loop.
 
-    .venv/bin/python benchmarks/speed.py [--repeats 3] [--steps 20] [--profile]
+    .venv/bin/python benchmarks/speed.py [--model tiny|MODEL_DIR] [--repeats 3] [--steps 20] [--same_batches]
+        [--runners RUNNER ...] [--profile] [--output FILE]
 
 (install the benchmark-only packages first: .venv/bin/pip install -r benchmarks/requirements.txt)
 
+The real model, Gemma 3 270M (the demo model), every main runner on the same batches:
+
+    .venv/bin/python benchmarks/speed.py --model Gemma/models/gemma-3-270m --same_batches --repeats 3 --steps 10 \\
+        --output benchmarks/results/speed_gemma-3-270m.md
+
+On 2 cores a LoRA launch of the real model takes about 20-25 s of start-up plus 12 s/step (ours) or 21 s/step (TRL);
+the full fine-tuning runners are slower and need about 5 GB of RAM per process (10+ GB for a launch): check
+`free -g` first. (DeepSpeed's CPU all-reduce buffers, /dev/shm/deepspeed_allreduce_buffer_*, 66 MB per process, used
+to outlive every launch; finetune.runtime now unlinks them, and the benchmark warns when old ones fill /dev/shm.)
+Size --steps from the launch wall column of a short run (e.g. --repeats 1 --steps 3).
+
+The tiny model (the default; a few minutes): .venv/bin/python benchmarks/speed.py
+Only some runners: --runners "ours, LoRA" "TRL SFTTrainer, LoRA" (names as in the report's table).
+
 Everything runs in this one invocation so that ratios are fair on a noisy, shared machine: each measurement is
 repeated (--repeats), the runners take turns within each repeat (the order rotates between repeats), and the table
-gives the median with the spread (min-max). Overhead ratios are taken within a repeat (ours / bare of the same repeat),
-then summarised.
+gives the median with the spread (min-max). Ratios between runners are taken within a repeat (e.g. ours / TRL of the
+same repeat), then summarised the same way.
 
-Setup: a tiny random Gemma 3 (tests/tiny_gemma.py: hidden 64, 2 layers, vocab ~1k) in a temporary directory, the
-shipped demo training data (Gemma/data/demo/train.jsonl, 2,000 users) and the shipped config.json's training and
-DeepSpeed settings (batch 4 per process, max_length 256, bf16, activation checkpointing, ZeRO-3 with parameters and
-optimizer offloaded to the CPU), with the model swapped for the tiny one, no validation or test file, no checkpoint
-before the end, and --steps optimizer steps. 2 processes, OMP_NUM_THREADS=1 each. One untimed warm-up launch of our
-script comes first (DeepSpeed's compiled ops, file cache); it also writes the DeepSpeed JSON the TRL runner reuses.
+Setup: the model (--model: "tiny", a tiny random Gemma 3 from tests/tiny_gemma.py (hidden 64, 2 layers, vocab ~1k)
+built in a temporary directory; or a model directory such as Gemma/models/gemma-3-270m), the shipped demo training
+data (Gemma/data/demo/train.jsonl, 2,000 users) and the shipped config.json's training and DeepSpeed settings (batch 4
+per process, max_length 256, bf16, activation checkpointing, ZeRO-3 with parameters and optimizer offloaded to the
+CPU), with the model swapped for the chosen one, no validation or test file, no checkpoint before the end, and --steps
+optimizer steps. 2 processes, OMP_NUM_THREADS=1 each. One untimed warm-up launch of our script (3 steps; full
+fine-tuning, or LoRA when "ours" itself is not measured) comes first (DeepSpeed's compiled ops, file cache); it also
+writes the DeepSpeed JSON that both TRL runners reuse (the report says whether each run of ours wrote the same one).
 
-Runners (each a separate 2-process launch; the same token sequences, the same shuffled batches):
-- ours: `accelerate launch --use_deepspeed --num_processes 2` of train_deepspeed.py's main() (benchmarks/ours_probed.py),
-  with its default batching, and with `--set training.group_by_length=false --set training.padding_free=false`
-  ("plain padded"; skipped when the measured script has no such keys).
-- TRL: benchmarks/trl_sft.py, SFTTrainer with the same DeepSpeed JSON and settings.
-- bare: benchmarks/bare_loop.py, torch.distributed gloo + DDP, bf16 AdamW, no ZeRO, offload or checkpointing.
+Runners (each a separate 2-process launch; the same token sequences). Default: the first five; "ours, plain padded"
+too with the tiny model (without --same_batches); --runners picks any of them, in that order of turns. TRL and the
+bare loop train the same shuffled, padded batches; ours does too with --same_batches (every run of ours gets
+`--set training.group_by_length=false --set training.padding_free=false`), otherwise it uses its default batching
+(length-grouped). The report checks which runners trained the same batches (token counts of every micro-batch).
+- "ours": `accelerate launch --use_deepspeed --num_processes 2` of train_deepspeed.py's main()
+  (benchmarks/ours_probed.py), full fine-tuning.
+- "ours, LoRA": the same with `--set lora.enabled=true` (peft, lora defaults: r 16, alpha 32, dropout 0.05,
+  "all-linear" = every nn.Linear under the decoder, adapters in bf16).
+- "TRL SFTTrainer": benchmarks/trl_sft.py, SFTTrainer with the same DeepSpeed JSON and settings, full fine-tuning.
+- "TRL SFTTrainer, LoRA": the same with --lora: SFTTrainer(peft_config=peft.LoraConfig(r=16, lora_alpha=32,
+  lora_dropout=0.05, target_modules=the decoder's linear layers as one regular expression, bias="none",
+  task_type="CAUSAL_LM")), the same DeepSpeed JSON. TRL 1.16 under ZeRO-3 keeps the adapters in bf16 as ours
+  (autocast_adapter_dtype=False) but forces reentrant activation checkpointing (ours: non-reentrant). Both TRL
+  runners compute the LM head at every position and TRL's entropy and token accuracy each step.
+- "bare PyTorch loop": benchmarks/bare_loop.py, torch.distributed gloo + DDP, bf16 AdamW, full fine-tuning, no ZeRO,
+  offload or checkpointing; the loss is the usual `model(input_ids, attention_mask, labels=...).loss`, from the full
+  logits (LM head at every position, logits_to_keep=0), where ours computes the LM head at labelled positions only.
+- "ours, plain padded": ours with `--set training.group_by_length=false --set training.padding_free=false` (skipped
+  when the measured script has no such keys).
+The LoRA runners are skipped when the measured script has no lora section or peft is missing, the TRL ones when trl
+is missing.
 All are timed the same way (benchmarks/step_probe.py): a step lasts from one step's end to the next, median over the
 steps after the first; tokens/s = real (non-padding) tokens of both ranks over those steps / their wall time; peak RSS
-per rank (getrusage). For ours, results.json's own "throughput" figures are shown too (they time a step from
-on_step_begin to on_step_end, i.e. without fetching and collating the batch).
+per rank (getrusage: the whole launch, model loading included). For ours, results.json's own "throughput" figures are
+shown too (they time a step from on_step_begin to on_step_end, i.e. without fetching and collating the batch). The
+report's ratio section gives, per pair, s/step A / B and tokens/s A / B of the same repeat: ours / TRL (full), ours /
+TRL (LoRA), LoRA / full, and every runner / bare.
 
 Also measured: padding efficiency (real / processed tokens) over one whole epoch of the demo data, with plain random
-batches and with length-grouped batches, for the tiny tokenizer and the real Gemma 3 tokenizer; and the time to
-tokenize and build the demo training split (finetune.data.build_split), in this process.
---profile (about 4 more minutes) adds three variants of ours to the rotation, each pricing one cost seen in the profile
-(reduce_bucket_size=auto: transformers' hidden_size^2 bucket, one gradient reduce-scatter per h^2 elements, instead
-of the script's 5e7 floor; cpu_checkpointing=false: no save_on_cpu wrapper;
+batches and with length-grouped batches, for the trained model's tokenizer and the real Gemma 3 tokenizer; and the time
+to tokenize and build the demo training split (finetune.data.build_split), in this process.
+--profile (about 4 more minutes with the tiny model) adds three variants of ours to the rotation, each pricing one
+cost seen in the profile (reduce_bucket_size=auto: transformers' hidden_size^2 bucket, one gradient reduce-scatter per
+h^2 elements, instead of the script's 5e7 floor; cpu_checkpointing=false: no save_on_cpu wrapper;
 activation_checkpointing=false: no recomputation), and one launch of ours with cProfile on rank 0 over steps 2..N,
 reported as per-step costs.
 
 The measured train_deepspeed.py is copied into the work directory at the start (so an edit during the benchmark
 cannot mix versions); --gemma_dir measures another copy (e.g. an older commit's, from `git show`).
+A launch that runs past --launch_timeout (default 900 s with the tiny model, 3 h with a model directory) is killed and
+reported as failed; the others go on.
 
 Output: a Markdown report printed and written atomically to benchmarks/results/speed.md (--output to change).
 """
@@ -71,6 +108,8 @@ PLAIN_BATCHING = ["training.group_by_length=false", "training.padding_free=false
 # single costs seen in the profile (each is compared with "ours" of the same repeat).
 OURS_VARIANTS: dict[str, tuple[list[str], dict[str, str], dict]] = {
     "ours": ([], {}, {}),
+    # LoRA with the lora section's defaults (r 16, alpha 32, dropout 0.05, all-linear); TRL's LoRA runner mirrors them.
+    "ours, LoRA": (["lora.enabled=true"], {}, {}),
     "ours, plain padded": (PLAIN_BATCHING, {}, {}),
     # transformers' "auto" reduce bucket is hidden_size^2 elements (4,096 for the tiny model, 409,600 for Gemma 3
     # 270M): one reduce-scatter per bucket. The generated config now floors it at 5e7 elements; this prices that.
@@ -82,7 +121,16 @@ OURS_VARIANTS: dict[str, tuple[list[str], dict[str, str], dict]] = {
 }
 PROFILE_VARIANTS = ["ours, reduce_bucket_size=auto (h^2)", "ours, cpu_checkpointing=false",
                     "ours, activation_checkpointing=false"]
-RUN_TIMEOUT_S = 900  # one launch; a hung run is killed (whole process tree) and reported, the rest go on
+MAIN_RUNNERS = ["ours", "ours, LoRA", "TRL SFTTrainer", "TRL SFTTrainer, LoRA", "bare PyTorch loop"]
+ALL_RUNNERS = MAIN_RUNNERS + ["ours, plain padded"] + PROFILE_VARIANTS
+LORA_RUNNERS = ["ours, LoRA", "TRL SFTTrainer, LoRA"]
+TRL_RUNNERS = ["TRL SFTTrainer", "TRL SFTTrainer, LoRA"]
+BARE = "bare PyTorch loop"
+# Pairs compared within each repeat in the report's ratio section (A, B): A / B; "every runner / bare" is added.
+RATIO_PAIRS = [("ours", "TRL SFTTrainer"), ("ours, LoRA", "TRL SFTTrainer, LoRA"), ("ours, LoRA", "ours"),
+               ("TRL SFTTrainer, LoRA", "TRL SFTTrainer")]
+# One launch; a hung run is killed (whole process tree) and reported, the rest go on. --launch_timeout overrides.
+RUN_TIMEOUT_S = {"tiny": 900, "model directory": 3 * 3600}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -92,6 +140,17 @@ RUN_TIMEOUT_S = 900  # one launch; a hung run is killed (whole process tree) and
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny",
+                   help='"tiny" (a tiny random Gemma 3, tests/tiny_gemma.py) or a model directory, e.g. '
+                        f"{REAL_MODEL.relative_to(REPO)} (default: %(default)s)")
+    p.add_argument("--runners", nargs="+", choices=ALL_RUNNERS, default=None, metavar="RUNNER",
+                   help="the runners to launch, in this order of turns (default: " + ", ".join(map(repr, MAIN_RUNNERS))
+                        + ", and 'ours, plain padded' with the tiny model); any of: " + ", ".join(map(repr, ALL_RUNNERS)))
+    p.add_argument("--same_batches", action="store_true",
+                   help="every run of ours with plain padded batches in the shuffled order (training.group_by_length="
+                        "false, padding_free=false), so that all runners train the same batches (checked in the report)")
+    p.add_argument("--launch_timeout", type=float, default=None,
+                   help="seconds before one launch is killed (default: 900 with the tiny model, 10800 otherwise)")
     p.add_argument("--repeats", type=int, default=3, help="launches per runner (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per launch (default: %(default)s)")
     p.add_argument("--profile", action="store_true", help="also profile one run of ours (cProfile, rank 0)")
@@ -104,6 +163,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps < 3:
         p.error("--repeats must be at least 1 and --steps at least 3 (the first step is left out of the medians)")
+    if args.model != "tiny" and not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model: {args.model} is neither \"tiny\" nor a model directory (no config.json)")
+    if args.runners is not None:
+        args.runners = list(dict.fromkeys(args.runners))
+    if args.launch_timeout is None:
+        args.launch_timeout = RUN_TIMEOUT_S["tiny" if args.model == "tiny" else "model directory"]
     return args
 
 
@@ -128,10 +193,20 @@ def machine_description() -> str:
     try:
         import psutil
 
-        mem = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+        vm = psutil.virtual_memory()
+        mem = f", {vm.total / 2**30:.0f} GiB RAM ({vm.available / 2**30:.1f} GiB available now)"
     except ImportError:
         mem = ""
     return f"{model}, {os.cpu_count()} logical cores{mem}, {platform.system()} {platform.release()}"
+
+
+def leaked_shm_bytes() -> int:
+    """Bytes held in /dev/shm by DeepSpeed's CPU all-reduce buffers (deepspeed_allreduce_buffer_*): each launch on a
+    new port leaves its pair behind, and they take RAM until deleted."""
+    try:
+        return sum(f.stat().st_size for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    except OSError:
+        return 0
 
 
 def library_versions() -> str:
@@ -147,19 +222,48 @@ def library_versions() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Setup: tiny model, benchmark config
+# Setup: model, benchmark config
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def build_model(work: Path) -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny_gemma import build_tiny_gemma
+def prepare_model(choice: str, work: Path) -> tuple[Path, str]:
+    """The model directory to train and its description for the report: "tiny" builds the tiny random Gemma 3 in the
+    work directory; anything else is a model directory, used in place."""
+    if choice == "tiny":
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny_gemma import build_tiny_gemma
 
-    return build_tiny_gemma(work / "tiny_gemma")
+        path = build_tiny_gemma(work / "tiny_gemma")
+        return path, "tiny random Gemma 3 from tests/tiny_gemma.py (" + model_shape(path) + ")"
+    path = Path(os.path.abspath(choice))  # not resolve(): Gemma/models may be a link, name it as given
+    where = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+    return path, f"{where} ({model_shape(path)})"
+
+
+def model_shape(path: Path) -> str:
+    """Architecture, size and parameter count (from the safetensors headers) of a model directory."""
+    import struct
+
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or config
+    params = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with file.open("rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in info["shape"]:
+                    n *= d
+                params += n
+    size = f"{params / 1e6:.1f}M parameters, " if params else ""
+    return (f"{'/'.join(config.get('architectures') or [config.get('model_type', '?')])}, {size}hidden "
+            f"{text.get('hidden_size')}, {text.get('num_hidden_layers')} layers, {text.get('num_attention_heads')} "
+            f"heads, vocab {text.get('vocab_size')}")
 
 
 def write_bench_config(work: Path, model_dir: Path, steps: int) -> Path:
-    """The shipped config.json with the tiny model, the demo train file only, and no saving before the end."""
+    """The shipped config.json with the chosen model, the demo train file only, and no saving before the end."""
     cfg = json.loads((REPO / "config.json").read_text(encoding="utf-8"))
     cfg["model"]["model_name_or_path"] = str(model_dir)
     cfg["data"]["train_file"] = str(DEMO_TRAIN)
@@ -196,10 +300,13 @@ def snapshot_script(gemma_dir: Path, work: Path) -> tuple[Path, str]:
     return dest / "Gemma", f"{where} (sha256 {digest}{git})"
 
 
-def measured_training_keys(gemma_dir: Path) -> set[str]:
-    """The training.* keys the measured train_deepspeed.py accepts (to know whether plain batching can be asked for)."""
-    code = ("import dataclasses, sys; sys.path.insert(0, sys.argv[1]); from finetune.config import TrainingConfig; "
-            "print(' '.join(f.name for f in dataclasses.fields(TrainingConfig)))")
+def measured_config_keys(gemma_dir: Path) -> set[str]:
+    """The config sections and training.* keys the measured train_deepspeed.py accepts (to know whether plain
+    batching and LoRA can be asked for)."""
+    code = ("import dataclasses, sys; sys.path.insert(0, sys.argv[1]); "
+            "from finetune.config import Config, TrainingConfig; "
+            "print(' '.join(f.name for f in dataclasses.fields(TrainingConfig)), "
+            "' '.join('section:' + f.name for f in dataclasses.fields(Config)))")
     out = subprocess.run([sys.executable, "-c", code, str(gemma_dir)], capture_output=True,
                          text=True, timeout=120)
     return set(out.stdout.split())
@@ -220,6 +327,8 @@ class RunResult:
     probe: dict = field(default_factory=dict)  # summarise_probe()
     results_json: dict = field(default_factory=dict)  # ours only: results.json
     resolved: dict = field(default_factory=dict)  # ours only: resolved_config.json
+    setup: dict = field(default_factory=dict)  # TRL only: trl_setup.json (trainable parameters, dtypes, LoRA)
+    ds_json_diff: list[str] | None = None  # ours only: keys where its DeepSpeed JSON differs from the one TRL uses
     error: str = ""
 
 
@@ -240,7 +349,7 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def launch(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, float]:
+def launch(cmd: list[str], log: Path, env: dict[str, str], timeout: float) -> tuple[int, float]:
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with log.open("w", encoding="utf-8") as out:
@@ -248,7 +357,7 @@ def launch(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, float]:
         out.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            rc = proc.wait(timeout=RUN_TIMEOUT_S)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_tree(proc.pid)
             proc.wait()
@@ -291,6 +400,7 @@ def summarise_probe(probe_dir: Path) -> dict:
         "tokens_per_s": real_after_first / (ends[-1] - ends[0]),
         "padding_efficiency": sum(sum(r["real_tokens"]) for r in ranks) / sum(sum(r["processed_tokens"]) for r in ranks),
         "peak_rss_bytes": [r["peak_rss_bytes"] for r in ranks],
+        "batches": [[r["real_tokens"], r["processed_tokens"]] for r in ranks],  # to check runners trained the same
     }
 
 
@@ -308,15 +418,16 @@ def run_one(runner: str, repeat: int, ctx: dict) -> RunResult:
             ds_file = work / "ds_config.json"
             ds_file.parent.mkdir(parents=True, exist_ok=True)
             ds_file.write_text(json.dumps(ds, indent=2))
-        cmd = ours_cmd(config, work / "run", probe, steps, overrides, deepspeed_config=ds_file)
+        cmd = ours_cmd(config, work / "run", probe, steps, ctx["ours_batching"] + overrides, deepspeed_config=ds_file)
         env = {**env, **extra_env}
-    elif runner == "TRL SFTTrainer":
+    elif runner in TRL_RUNNERS:
         cmd = accelerate_cmd(BENCH / "trl_sft.py", ["--config", str(config), "--deepspeed_config", str(ctx["ds_json"]),
-                                                    "--steps", str(steps), "--probe_dir", str(probe)])
+                                                    "--steps", str(steps), "--probe_dir", str(probe)]
+                             + (["--lora"] if runner in LORA_RUNNERS else []))
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(BENCH / "bare_loop.py"), "--config", str(config), "--steps", str(steps), "--probe_dir", str(probe)]
-    rc, wall = launch(cmd, log, env)
+    rc, wall = launch(cmd, log, env, ctx["timeout"])
     result = RunResult(runner, repeat, rc == 0, wall, log)
     if rc != 0:
         result.error = f"exit code {rc}" + (" (timed out)" if rc == -9 else "")
@@ -326,10 +437,24 @@ def run_one(runner: str, repeat: int, ctx: dict) -> RunResult:
         if runner.startswith("ours"):
             result.results_json = json.loads((work / "run" / "results.json").read_text())
             result.resolved = json.loads((work / "run" / "resolved_config.json").read_text())
+            generated = work / "run" / "deepspeed_config" / ctx["ds_json"].name
+            if generated.is_file():
+                result.ds_json_diff = json_diff(json.loads(ctx["ds_json"].read_text()),
+                                                json.loads(generated.read_text()))
+        elif runner in TRL_RUNNERS:
+            result.setup = json.loads((probe / "trl_setup.json").read_text())
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         result.ok, result.error = False, f"unreadable figures: {e}"
-    shutil.rmtree(work / "run" / "final", ignore_errors=True)  # keep the disk small; the figures are read
+    for name in ("final", "adapter"):  # keep the disk small; the figures are read
+        shutil.rmtree(work / "run" / name, ignore_errors=True)
     return result
+
+
+def json_diff(a, b, prefix: str = "") -> list[str]:
+    """The dotted keys where two JSON documents differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in json_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -443,8 +568,9 @@ def profile_ours(ctx: dict) -> str:
     """One launch of ours with cProfile on rank 0 (steps 2..N); returns the report section."""
     work = ctx["work"] / "profile"
     stats_file = work / "rank0.prof"
-    cmd = ours_cmd(ctx["config"], work / "run", work / "probe", ctx["steps"], [], profile=stats_file)
-    rc, _ = launch(cmd, ctx["work"] / "logs" / "profile.log", ctx["env"])
+    cmd = ours_cmd(ctx["config"], work / "run", work / "probe", ctx["steps"], ctx["ours_batching"],
+                   profile=stats_file)
+    rc, _ = launch(cmd, ctx["work"] / "logs" / "profile.log", ctx["env"], ctx["timeout"])
     if rc != 0 or not stats_file.is_file():
         return f"profiling run failed (exit code {rc}); see {ctx['work'] / 'logs' / 'profile.log'}"
     import io
@@ -482,7 +608,6 @@ def gb(values: list[float]) -> str:
 
 
 def runner_rows(results: list[RunResult], runners: list[str]) -> list[str]:
-    bare = {r.repeat: r for r in results if r.runner == "bare PyTorch loop" and r.ok}
     ours = {r.repeat: r for r in results if r.runner == "ours" and r.ok}
     rows = []
     for name in runners:
@@ -490,9 +615,8 @@ def runner_rows(results: list[RunResult], runners: list[str]) -> list[str]:
         ok = [r for r in runs if r.ok]
         if not ok:
             errors = "; ".join(f"repeat {r.repeat}: {r.error} ({r.log.name})" for r in runs) or "not run"
-            rows.append(f"| {name} | failed: {errors} |  |  |  |  |  |  |  |")
+            rows.append(f"| {name} | failed: {errors} |  |  |  |  |  |  |")
             continue
-        ratio = [r.probe["s_per_step"] / bare[r.repeat].probe["s_per_step"] for r in ok if r.repeat in bare]
         vs_ours = [r.probe["s_per_step"] / ours[r.repeat].probe["s_per_step"] for r in ok if r.repeat in ours]
         rss = [[r.probe["peak_rss_bytes"][i] for r in ok] for i in range(len(ok[0].probe["peak_rss_bytes"]))]
         failed = f" ({len(runs) - len(ok)} failed)" if len(ok) < len(runs) else ""
@@ -500,17 +624,90 @@ def runner_rows(results: list[RunResult], runners: list[str]) -> list[str]:
             f"| {name}{failed} | {spread([r.probe['s_per_step'] for r in ok], '.3f')} "
             f"| {spread([r.probe['compute_s_per_step'] for r in ok], '.3f')} "
             f"| {spread([r.probe['tokens_per_s'] for r in ok], '.0f')} "
-            f"| {spread(ratio, '.2f') + 'x' if ratio else 'n/a'} "
             f"| {spread(vs_ours, '.2f') + 'x' if vs_ours else 'n/a'} "
             f"| {spread([r.probe['padding_efficiency'] for r in ok], '.3f')} "
             f"| {' / '.join(gb(v) for v in rss)} | {spread([r.wall_s for r in ok], '.0f')} |")
     return rows
 
 
+def ratio_rows(results: list[RunResult], runners: list[str]) -> list[str]:
+    """A / B within each repeat where both launches succeeded, summarised over the repeats: s/step, tokens/s, and
+    the larger rank's peak RSS."""
+    by = {(r.runner, r.repeat): r for r in results if r.ok}
+    pairs = [(a, b) for a, b in RATIO_PAIRS if a in runners and b in runners]
+    pairs += [(a, BARE) for a in runners if a != BARE and BARE in runners]
+    rows = []
+    for a, b in pairs:
+        both = [(by[a, k], by[b, k]) for k in sorted({k for n, k in by if n == a}) if (b, k) in by]
+        if not both:
+            rows.append(f"| {a} / {b} | 0 | n/a | n/a | n/a |")
+            continue
+        step = [x.probe["s_per_step"] / y.probe["s_per_step"] for x, y in both]
+        tokens = [x.probe["tokens_per_s"] / y.probe["tokens_per_s"] for x, y in both]
+        rss = [max(x.probe["peak_rss_bytes"]) / max(y.probe["peak_rss_bytes"]) for x, y in both]
+        rows.append(f"| {a} / {b} | {len(both)} | {spread(step, '.2f')} | {spread(tokens, '.2f')} "
+                    f"| {spread(rss, '.2f')} |")
+    return rows
+
+
+def setup_lines(results: list[RunResult]) -> list[str]:
+    """What each runner trained (from the first successful launch): parameters, LoRA settings, adapter dtypes,
+    checkpointing; and whether our runs' generated DeepSpeed JSON is the one the TRL runners were given."""
+    lines = []
+    first = {}
+    for r in results:
+        if r.ok:
+            first.setdefault(r.runner, r)
+    for name in ("ours", "ours, LoRA"):
+        if name in first:
+            r = first[name]
+            params = r.results_json.get("parameters") or {}
+            lora = r.resolved.get("lora") or {}
+            text = (f"trains {params['trained']:,} of {params.get('total', params['trained'] + params['frozen']):,} "
+                    "parameters" if "trained" in params else "parameters n/a")
+            if lora.get("enabled"):
+                text += (f"; lora r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
+                         f"target_modules={json.dumps(lora.get('target_modules'))}, "
+                         f"use_rslora={lora.get('use_rslora')} (adapters in the model dtype: "
+                         "autocast_adapter_dtype=False)")
+            if r.resolved.get("training", {}).get("activation_checkpointing"):
+                text += "; activation checkpointing non-reentrant"
+            lines.append(f"- {name}: {text}")
+    for name in TRL_RUNNERS:
+        if name in first:
+            st = first[name].setup
+            text = (f"trains {st['trainable_parameters']:,} of {st['total_parameters']:,} parameters "
+                    f"({', '.join(st['trainable_dtypes'])})")
+            if st.get("lora"):
+                lo = st["lora"]
+                text += (f"; peft LoraConfig r={lo['r']}, lora_alpha={lo['lora_alpha']}, "
+                         f"lora_dropout={lo['lora_dropout']}, bias={lo['bias']}, "
+                         f"target_modules=`{lo['target_modules']}` ({lo['adapted_modules']} modules adapted)")
+            text += f"; gradient_checkpointing_kwargs {json.dumps(st.get('gradient_checkpointing_kwargs'))}"
+            lines.append(f"- {name}: {text}")
+    groups: list[list[str]] = []  # runners whose first launch trained the same batches (token counts per micro-batch)
+    for name, r in first.items():
+        same = next((g for g in groups if first[g[0]].probe["batches"] == r.probe["batches"]), None)
+        if same is None:
+            groups.append([name])
+        else:
+            same.append(name)
+    if len(first) > 1:
+        lines.append("- Batches (real and processed tokens of every micro-batch of both ranks): " + (
+            "the same for all runners" if len(groups) == 1 else
+            "different; the same within each group: " + " | ".join(", ".join(g) for g in groups)))
+    for name, r in first.items():
+        if r.ds_json_diff is not None:
+            lines.append(f"- DeepSpeed JSON written by {name}: " + (
+                "identical to" if not r.ds_json_diff else f"differs in {', '.join(r.ds_json_diff)} from") +
+                " the one the TRL runners use (written by the warm-up launch)")
+    return lines
+
+
 def ours_rows(results: list[RunResult]) -> list[str]:
     """Our script's own figures: results.json "throughput" (when the script writes it) and train_runtime."""
     rows = []
-    for name in ("ours", "ours, plain padded"):
+    for name in ("ours", "ours, LoRA", "ours, plain padded"):
         ok = [r for r in results if r.runner == name and r.ok]
         if not ok:
             continue
@@ -533,37 +730,50 @@ def ours_rows(results: list[RunResult]) -> list[str]:
 def render_report(args, ctx: dict, results: list[RunResult], runners: list[str], skipped: dict[str, str],
                   data: dict, padding: dict, profile_text: str | None, total_s: float) -> str:
     lines = [
-        "# Training speed: Gemma/train_deepspeed.py vs a bare PyTorch loop vs TRL SFTTrainer (CPU)",
+        "# Training speed: Gemma/train_deepspeed.py vs TRL SFTTrainer vs a bare PyTorch loop, full and LoRA (CPU)",
         "",
         f"- Date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}; whole benchmark {total_s / 60:.1f} min",
-        f"- Machine: {machine_description()}; shared with other work, so timings are noisy",
+        f"- Machine: {ctx['machine']}; shared with other work, so timings are noisy",
         f"- Libraries: {library_versions()}",
         f"- Command: `{ctx['command']}`",
-        f"- Measured script: {ctx['measured']}, copied once at the start and run from the copy",
-        f"- Model: tiny random Gemma 3 from tests/tiny_gemma.py (hidden 64, 2 layers, 2 heads, vocab {ctx['tiny_vocab']})",
-        f"- Data: {DEMO_TRAIN.relative_to(REPO)} ({data['tiny']['examples']} examples; tiny tokenizer: mean "
-        f"{statistics.mean(data['tiny']['lengths']):.0f}, max {max(data['tiny']['lengths'])} tokens), ablation "
-        f"{ABLATION}",
+        f"- Measured script: {ctx['measured']}, copied once at the start and run from the copy; untimed "
+        f"warm-up launch: {ctx['warmup']} (3 steps), whose DeepSpeed JSON the TRL runners use",
+        f"- Model: {ctx['model']} (--model {args.model})",
+        f"- Data: {DEMO_TRAIN.relative_to(REPO)} ({data['trained']['examples']} examples; with this model's tokenizer: "
+        f"mean {statistics.mean(data['trained']['lengths']):.0f}, max {max(data['trained']['lengths'])} tokens), "
+        f"ablation {ABLATION}",
         f"- Settings: {args.steps} optimizer steps per launch, {args.repeats} launches per runner (runners take turns, "
         "order rotating), 2 processes with OMP_NUM_THREADS=1, per-process batch "
         f"{ctx['cfg']['training']['batch_size']}, max_length {ctx['cfg']['training']['max_length']}, bf16, "
         "activation checkpointing (ours, TRL), DeepSpeed ZeRO-3 with parameter + optimizer offload (ours, TRL: the "
-        "same JSON)",
+        "same JSON, full and LoRA); LoRA: r 16, alpha 32, dropout 0.05, every linear layer of the decoder, bf16 "
+        "adapters (ours and TRL); bare loop: DDP, no ZeRO, loss from the full logits",
         "- Figures: median (min–max) over launches. s/step: from one step's end to the next (batch fetch and "
         "collation included), median over steps 2..N, rank 0. compute s/step: on_step_begin to on_step_end. "
-        "tokens/s: real (non-padding) tokens of both ranks over steps 2..N / their wall time. overhead: s/step / "
-        "bare loop s/step of the same repeat (vs ours: over ours of the same repeat). padding eff.: real / processed tokens of the batches trained. "
-        "Peak RSS per rank (getrusage).",
+        "tokens/s: real (non-padding) tokens of both ranks over steps 2..N / their wall time. vs ours: s/step over "
+        "ours' s/step of the same repeat. padding eff.: real / processed tokens of the batches trained. "
+        "Peak RSS per rank (getrusage, whole launch). launch wall: the whole launch (start-up, model loading, "
+        "the steps, the final save).",
         "",
         "## Training throughput",
         "",
-        "| runner | s/step | compute s/step | tokens/s | overhead vs bare | vs ours | padding eff. "
+        "| runner | s/step | compute s/step | tokens/s | vs ours | padding eff. "
         "| peak RSS rank 0 / 1 (GB) | launch wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
         *runner_rows(results, runners),
     ]
     for name, why in skipped.items():
-        lines.append(f"| {name} | skipped: {why} |  |  |  |  |  |  |  |")
+        lines.append(f"| {name} | skipped: {why} |  |  |  |  |  |  |")
+    ratios = ratio_rows(results, runners)
+    if ratios:
+        lines += ["", "## Ratios (A / B within each repeat, then median (min–max) over the repeats)", "",
+                  "s/step ratio above 1: A is slower. tokens/s ratio above 1: A is faster. Peak RSS: the larger "
+                  "rank's of each launch.", "",
+                  "| A / B | repeats | s/step A / B | tokens/s A / B | peak RSS A / B |", "|---|---|---|---|---|",
+                  *ratios]
+    setup = setup_lines(results)
+    if setup:
+        lines += ["", "## What each runner trained", "", *setup]
     rows = ours_rows(results)
     if rows:
         lines += ["", "Our script's own figures (results.json):", "",
@@ -577,8 +787,7 @@ def render_report(args, ctx: dict, results: list[RunResult], runners: list[str],
               "`group_by_length`). Padding-free batches (concatenated, no padding) are 1.000 by construction.", "",
               "| tokenizer | examples | mean / max tokens | plain random batches | length-grouped batches |",
               "|---|---|---|---|---|"]
-    for key, label in (("tiny", "tiny (tests/tiny_gemma.py), the one trained above"),
-                       ("real", f"real Gemma 3 ({REAL_MODEL.relative_to(REPO)})")):
+    for key, label in (("trained", "the trained model's"), ("real", f"real Gemma 3 ({REAL_MODEL.relative_to(REPO)})")):
         if key in data:
             ls = data[key]["lengths"]
             lines.append(f"| {label} | {len(ls)} | {statistics.mean(ls):.0f} / {max(ls)} "
@@ -587,11 +796,11 @@ def render_report(args, ctx: dict, results: list[RunResult], runners: list[str],
               "finetune.data.build_split: read the JSONL, check every record, fit the history into max_length, "
               f"render and tokenize, mask the prompt; {args.repeats} times.", "",
               "| tokenizer | vocab | load tokenizer (s) | build_split (s) |", "|---|---|---|---|"]
-    for key, label in (("real", "real Gemma 3 270M"), ("tiny", "tiny")):
+    for key, label in (("trained", "the trained model's"), ("real", "real Gemma 3 270M")):
         if key in data:
             d = data[key]
             lines.append(f"| {label} | {d['vocab']} | {d['tokenizer_load_s']:.2f} | {spread(d['build_split_s'], '.2f')} |")
-    if "real" not in data:
+    if "real" not in data and not ctx["real_model_trained"]:
         lines.append(f"| real Gemma 3 270M | not present at {REAL_MODEL} (run Gemma/prepare_gemma.py) | | |")
     failed = [r for r in results if not r.ok]
     if failed:
@@ -599,6 +808,29 @@ def render_report(args, ctx: dict, results: list[RunResult], runners: list[str],
     if profile_text:
         lines += ["", "## Profile of ours (--profile)", "", profile_text.rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def choose_runners(args: argparse.Namespace, keys: set[str]) -> tuple[list[str], dict[str, str]]:
+    """The runners to launch, in their order of turns, and those left out with the reason."""
+    import importlib.util
+
+    runners = list(args.runners or MAIN_RUNNERS + (
+        ["ours, plain padded"] if args.model == "tiny" and not args.same_batches else []))
+    if args.profile:
+        runners += [v for v in PROFILE_VARIANTS if v not in runners]
+    why = {"ours, plain padded": None if {"group_by_length", "padding_free"} <= keys else (
+        "the measured train_deepspeed.py has no training.group_by_length / padding_free keys: its only batching is "
+        "plain padded (= ours above)")}
+    for name in LORA_RUNNERS:
+        if "section:lora" not in keys:
+            why[name] = "the measured train_deepspeed.py has no lora section"
+        elif importlib.util.find_spec("peft") is None:
+            why[name] = "peft is not installed (pip install -r benchmarks/requirements.txt)"
+    for name in TRL_RUNNERS:
+        if importlib.util.find_spec("trl") is None:
+            why[name] = "trl is not installed (pip install -r benchmarks/requirements.txt)"
+    skipped = {name: why[name] for name in runners if why.get(name)}
+    return [name for name in runners if name not in skipped], skipped
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -624,35 +856,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed benchmark: work directory {work}", flush=True)
 
     gemma_dir, measured = snapshot_script(args.gemma_dir or REPO / "Gemma", work)
-    model_dir = build_model(work)
+    keys = measured_config_keys(gemma_dir)
+    runners, skipped = choose_runners(args, keys)
+    if not runners:
+        print("error: no runner left to launch: " + "; ".join(f"{n}: {w}" for n, w in skipped.items()),
+              file=sys.stderr)
+        return 1
+    model_dir, model_text = prepare_model(args.model, work)
     config = write_bench_config(work, model_dir, args.steps)
     ctx = {"work": work, "steps": args.steps, "config": config, "env": subprocess_env(gemma_dir),
-           "command": command, "cfg": json.loads(config.read_text()), "gemma_dir": gemma_dir, "measured": measured}
+           "command": command, "cfg": json.loads(config.read_text()), "gemma_dir": gemma_dir, "measured": measured,
+           "model": model_text, "timeout": args.launch_timeout, "machine": machine_description(),
+           "real_model_trained": model_dir.resolve() == REAL_MODEL.resolve(),
+           # --same_batches: plain padded batches for every run of ours (a script without the keys has only those)
+           "ours_batching": PLAIN_BATCHING if args.same_batches and {"group_by_length", "padding_free"} <= keys else []}
+    print(f"model: {model_text}; runners: {', '.join(runners)}", flush=True)
+    if leaked_shm_bytes() > 2**30:
+        print(f"warning: /dev/shm holds {leaked_shm_bytes() / 2**30:.1f} GiB of DeepSpeed all-reduce buffers "
+              "(/dev/shm/deepspeed_allreduce_buffer_*, left by earlier launches), which the runs cannot use; full "
+              "fine-tuning of a real model may run out of memory", file=sys.stderr, flush=True)
 
-    # Untimed warm-up launch: compiled ops, file cache, and the DeepSpeed JSON for TRL.
-    print("warm-up launch of ours ...", flush=True)
+    # Untimed warm-up launch: compiled ops, file cache, and the DeepSpeed JSON for TRL. Full fine-tuning, or LoRA when
+    # only the LoRA run of ours is measured (less memory; each run of ours reports whether its JSON is the same).
+    ctx["warmup"] = "ours, LoRA" if "ours, LoRA" in runners and "ours" not in runners else "ours"
+    print(f"warm-up launch of {ctx['warmup']} ...", flush=True)
     warm = work / "warmup"
-    rc, wall = launch(ours_cmd(config, warm / "run", warm / "probe", 3, []), work / "logs" / "warmup.log", ctx["env"])
+    rc, wall = launch(ours_cmd(config, warm / "run", warm / "probe", 3,
+                               ctx["ours_batching"] + OURS_VARIANTS[ctx["warmup"]][0]),
+                      work / "logs" / "warmup.log", ctx["env"], ctx["timeout"])
     ctx["ds_json"] = warm / "run" / "deepspeed_config" / "ds_config_zero3.json"
     if rc != 0 or not ctx["ds_json"].is_file():
         print(f"error: the warm-up run of our script failed (exit code {rc}); see {work / 'logs' / 'warmup.log'}",
               file=sys.stderr)
         return 1
+    for name in ("final", "adapter"):
+        shutil.rmtree(warm / "run" / name, ignore_errors=True)
     print(f"  done in {wall:.0f} s", flush=True)
-
-    runners, skipped = ["ours", "ours, plain padded", "TRL SFTTrainer", "bare PyTorch loop"], {}
-    keys = measured_training_keys(gemma_dir)
-    if not {"group_by_length", "padding_free"} <= keys:
-        runners.remove("ours, plain padded")
-        skipped["ours, plain padded"] = ("the measured train_deepspeed.py has no training.group_by_length / "
-                                         "padding_free keys: its only batching is plain padded (= ours above)")
-    if args.profile:
-        runners += PROFILE_VARIANTS
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        runners.remove("TRL SFTTrainer")
-        skipped["TRL SFTTrainer"] = "trl is not installed (pip install -r benchmarks/requirements.txt)"
 
     results: list[RunResult] = []
     for repeat in range(1, args.repeats + 1):
@@ -665,12 +904,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"(launch {r.wall_s:.0f} s)", flush=True)
 
     print("data preparation and padding ...", flush=True)
-    data = {"tiny": time_data_preparation(config, model_dir, args.repeats, gemma_dir)}
-    if (REAL_MODEL / "tokenizer.json").is_file():
+    data = {"trained": time_data_preparation(config, model_dir, args.repeats, gemma_dir)}
+    if (REAL_MODEL / "tokenizer.json").is_file() and not ctx["real_model_trained"]:
         data["real"] = time_data_preparation(config, REAL_MODEL, args.repeats, gemma_dir)
     t = ctx["cfg"]["training"]
     padding = {k: epoch_padding_efficiency(d["lengths"], t["batch_size"], 2, t.get("seed", 42)) for k, d in data.items()}
-    ctx["tiny_vocab"] = data["tiny"]["vocab"]
 
     profile_text = None
     if args.profile:

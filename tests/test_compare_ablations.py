@@ -82,7 +82,7 @@ def make_run(root: Path, name: str, ablation: str, predictions: list[dict] | Non
     config = resolved_config(out, ablation, *flags)
     for key, value in (config_changes or {}).items():
         section, leaf = key.split(".")
-        config[section][leaf] = value
+        config.setdefault(section, {})[leaf] = value
     (out / "resolved_config.json").write_text(json.dumps(config, indent=2))
 
     train_ids, validation_ids = [f"u{i:06d}" for i in range(2000)], [f"v{i:06d}" for i in range(200)]
@@ -390,6 +390,16 @@ def test_config_differences_are_refused_with_both_values_unless_allowed(tmp_path
     del missing["training"]["seed"]
     assert config_differences([runs[0], dataclasses.replace(runs[1], config=missing)])[1] == \
         "training.seed differs: full=42, other=absent"
+
+
+def test_lora_and_full_fine_tuning_runs_are_not_compared_unless_allowed(tmp_path):
+    predictions = genre_predictions(20, set(range(10)))
+    full = make_run(tmp_path, "full", "profile_and_history", predictions, config_changes={"lora.enabled": False})
+    lora = make_run(tmp_path, "lora", "profile_only", predictions, config_changes={"lora.enabled": True})
+    runs = load_runs([full, lora])
+    assert check_comparable(runs) == [
+        "lora.enabled differs: full=false, lora=true  (override: --allow_config_differences)"]
+    assert check_comparable(runs, allow_config_differences=True) == []
 
 
 def test_duplicate_directory_names_are_told_apart(tmp_path):

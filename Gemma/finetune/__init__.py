@@ -10,6 +10,7 @@ order data flows through a run:
     batching          the supervised-positions collator, length-grouped sampling, padding-free batches
     deepspeed_config  the generated ZeRO-3 config, and the user's own checked against config.json
     modeling          the model's config, loading it, what is trained (towers frozen), MoE blocks as ZeRO-3 leaves
+    lora              LoRA with peft: which modules get adapters, wrapping the model, the merged final/ model
     memory_plan       memory per GPU and node for --dry_run and offload "auto" (estimates)
     preflight         what the installed libraries accept, checked before any weights load
     run_identity      what a run is (settings, data hashes, model fingerprint) and what a resume may change

@@ -140,6 +140,26 @@ class EvaluationConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) instead of full fine-tuning: the base model stays frozen in 16-bit and only the adapters
+    are trained, so gradients and optimizer states exist for the adapters alone."""
+
+    enabled: bool = False
+    # Rank of each adapter pair: its trainable parameters grow linearly with it (r x (in + out) per layer).
+    r: int = 16
+    # The adapters' output is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # "all-linear": every linear layer of the language model (attention and MLP projections), never the vision / audio
+    # towers nor the output head. Or a list of module names within the language model, e.g. ["q_proj", "v_proj"].
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    # Modules of the language model trained in full beside the adapters and saved with them, e.g. ["norm"].
+    modules_to_save: list[str] = field(default_factory=list)
+    # Rank-stabilised scaling, alpha / sqrt(r): lets a higher r learn without retuning the learning rate.
+    use_rslora: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig
     data: DataConfig
@@ -147,6 +167,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedChoices = field(default_factory=DeepSpeedChoices)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, LoraConfig
 from .data import Split
 from .memory_plan import GIB, GPU_USABLE_FRACTION, ZERO3_BUFFER_FACTOR, MemoryPlan
 from .prompts import PromptEncoder, render_user_message
@@ -42,11 +42,15 @@ def _markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
-def _model_section(model_path: str, mp: MemoryPlan) -> list[str]:
+def _model_section(model_path: str, mp: MemoryPlan, lora: LoraConfig) -> list[str]:
     shape = mp.shape
     frozen = shape.total_params - shape.trained
-    parts = [f"{shape.trained:,} trained (the language model), {frozen:,} frozen (vision / audio towers and "
-             "projectors: no gradients, no optimizer states)" if frozen else "all trained"]
+    if lora.enabled:
+        parts = [f"{shape.trained:,} trained (LoRA adapters, r={lora.r}), {frozen:,} frozen (the base model, in "
+                 "16-bit, with no gradients and no optimizer states)"]
+    else:
+        parts = [f"{shape.trained:,} trained (the language model), {frozen:,} frozen (vision / audio towers and "
+                 "projectors: no gradients, no optimizer states)" if frozen else "all trained"]
     if shape.active_params is not None and shape.active_params < shape.total_params:
         parts.append(f"{shape.active_params:,} active per token (mixture of experts: {shape.experts_per_token} "
                      "experts per token; the states of all experts are counted)")
@@ -117,7 +121,7 @@ def dry_run_report(cfg: Config, config_name: str, ablation_name: str, model_path
     t, hw = cfg.training, mp.hardware
     gpus = hw.gpus_per_node * hw.nodes
     lines = [f"# Dry run: {config_name}, ablation {ablation_name} (nothing was trained)", ""]
-    lines += _model_section(model_path, mp)
+    lines += _model_section(model_path, mp, cfg.lora)
     lines += _data_section(cfg, splits, padding)
     lines += ["## Batch", "",
               f"Effective global batch {t.global_batch(gpus)} = batch_size {t.batch_size} x "

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from .config import Config, DeepSpeedChoices
+from .config import Config, DeepSpeedChoices, LoraConfig
 from .data import SplitStats
 from .gemma import family_of
-from .modeling import attention_implementation, layer_configs, trained_parameters
+from .modeling import layer_configs, meta_model, trained_parameters
 
 GIB = 1024**3
 GPU_USABLE_FRACTION = 0.9  # headroom for the CUDA context, communication buffers and allocator fragmentation
@@ -78,14 +77,20 @@ def count_model_parameters(model: Any) -> tuple[int, int]:
     return total, largest
 
 
-def model_shape(config: Any) -> ModelShape:
+def model_shape(config: Any, lora: LoraConfig | None = None) -> ModelShape:
     """Build the model from its config on the meta device: exact counts without memory (Gemma 2 27B: seconds). What
-    is trained (the language model) and, for a mixture of experts, what runs per token are counted too. Dimensions
-    are read per layer: Gemma 4's full-attention layers have a head_dim and key/value heads of their own."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config, "eager"))
+    is trained (the language model, or with LoRA the adapters peft adds, counted by peft on the same model) and, for a
+    mixture of experts, what runs per token are counted too. Dimensions are read per layer: Gemma 4's full-attention
+    layers have a head_dim and key/value heads of their own."""
+    model = meta_model(config)
+    if lora is not None and lora.enabled:
+        from .lora import add_adapters
+
+        with torch.device("meta"):
+            model = add_adapters(model, lora)
     total, largest = count_model_parameters(model)
-    trained = trained_parameters(model)
+    trained = ({id(p) for p in model.parameters() if p.requires_grad} if lora is not None and lora.enabled
+               else trained_parameters(model))
     family = family_of(config.model_type)
     experts = sum(p.numel() for m in model.modules() if family and type(m).__name__ in family.moe_blocks
                   for p in m.parameters())

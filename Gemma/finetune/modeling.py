@@ -12,11 +12,13 @@ parameters.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from deepspeed.utils import set_z3_leaf_modules
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 from .config import Config
 from .errors import UserError
@@ -59,6 +61,25 @@ def attention_implementation(config: PretrainedConfig, choice: str) -> str | dic
     return {"text_config": choice, **{name: "eager" for name in towers}} if towers else choice
 
 
+@contextmanager
+def zero3_init_disabled(hf_deepspeed_config: Any = None):
+    """Builds models whole in this process: while a ZeRO-3 TrainingArguments exists (its hf_deepspeed_config),
+    transformers builds every model partitioned (zero.Init, a collective), which a model on the meta device or a
+    rank-0-only load must not be."""
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if hf_deepspeed_config is not None:
+            set_hf_deepspeed_config(hf_deepspeed_config)
+
+
+def meta_model(config: PretrainedConfig, hf_deepspeed_config: Any = None) -> Any:
+    """The model built from its config on the meta device: every module and exact shapes, no memory, no weights."""
+    with zero3_init_disabled(hf_deepspeed_config), torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config, "eager"))
+
+
 def trained_parameters(model: Any) -> set[int]:
     """The ids of the parameters text training updates: the language model (get_decoder(): embeddings and decoder
     layers) and the output head (tied to the embeddings in Gemma). For a text-only model, all of them."""
@@ -74,17 +95,18 @@ def numel(parameter: Any) -> int:
 
 
 def parameter_counts(model: Any) -> dict[str, int]:
-    """Parameters trained and frozen (tied weights counted once)."""
-    trained = trained_parameters(model)
+    """Parameters trained (requires_grad: the language model, or the LoRA adapters) and frozen, and their total (tied
+    weights counted once)."""
     counts = {"trained": 0, "frozen": 0}
     for p in model.parameters():
-        counts["trained" if id(p) in trained else "frozen"] += numel(p)
-    return counts
+        counts["trained" if p.requires_grad else "frozen"] += numel(p)
+    return {**counts, "total": counts["trained"] + counts["frozen"]}
 
 
 def load_model(path: str, cfg: Config) -> Any:
     """The model in cfg.model.dtype (partitioned as it loads when ZeRO-3's TrainingArguments exist), ready for text
-    training: the KV cache off, what is not the language model frozen, mixture-of-experts blocks as ZeRO-3 leaves."""
+    training: the KV cache off, what is not the language model frozen, mixture-of-experts blocks as ZeRO-3 leaves,
+    and with lora.enabled the peft model whose adapters alone are trained."""
     config = load_model_config(path)
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=getattr(torch, cfg.model.dtype),
@@ -103,4 +125,11 @@ def load_model(path: str, cfg: Config) -> Any:
         leaves = set_z3_leaf_modules(model, list(family.moe_blocks), raise_if_not_found=False)
         if leaves:
             logger.info("Mixture of experts: %d expert blocks are ZeRO-3 leaves (fetched whole).", len(leaves))
+    if cfg.lora.enabled:
+        from .lora import add_adapters  # peft: imported only by runs that use it
+
+        model = add_adapters(model, cfg.lora)
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info("LoRA (r=%d, alpha=%g): %d of %d parameters are trained (%.2f%%), the base model is frozen.",
+                    cfg.lora.r, cfg.lora.alpha, trainable, total, 100 * trainable / total)
     return model

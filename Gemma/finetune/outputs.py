@@ -29,6 +29,7 @@ PREDICTIONS_NAME = "predictions.jsonl"
 RESOLVED_CONFIG_NAME = "resolved_config.json"
 IDENTITY_NAME = "run_identity.json"  # what the run is (run_identity.py); also in every checkpoint
 FINAL_DIRNAME = "final"
+ADAPTER_DIRNAME = "adapter"  # LoRA runs: the trained adapter, which peft.PeftModel.from_pretrained loads on the base
 DRY_RUN_DIRNAME = "dry_run"
 
 
@@ -97,8 +98,8 @@ def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> N
 
 
 # What a training run writes into its output directory, and nothing else: --overwrite_output_dir moves exactly these.
-RUN_OUTPUTS = ("checkpoint-*", FINAL_DIRNAME, f".{FINAL_DIRNAME}.tmp", DS_CONFIG_DIRNAME, RESULTS_NAME,
-               RESOLVED_CONFIG_NAME, PREDICTIONS_NAME, IDENTITY_NAME)
+RUN_OUTPUTS = ("checkpoint-*", FINAL_DIRNAME, f".{FINAL_DIRNAME}.tmp", ADAPTER_DIRNAME, f".{ADAPTER_DIRNAME}.tmp",
+               DS_CONFIG_DIRNAME, RESULTS_NAME, RESOLVED_CONFIG_NAME, PREDICTIONS_NAME, IDENTITY_NAME)
 REPLACED_PREFIX = ".replaced-"
 
 

@@ -24,7 +24,7 @@ from transformers.utils import is_flash_attn_2_available, is_timm_available
 from .config import Config
 from .errors import UserError
 from .gemma import precision_problem
-from .modeling import layer_configs
+from .modeling import layer_configs, meta_model
 
 
 def environment_problems(cfg: Config) -> list[str]:
@@ -55,7 +55,7 @@ def model_class(model_config: Any) -> type:
     return AutoModelForCausalLM._model_mapping[type(model_config)]
 
 
-def architecture_problems(cfg: Config, model_config: Any) -> list[str]:
+def architecture_problems(cfg: Config, model_config: Any, hf_deepspeed_config: Any = None) -> list[str]:
     """What the model class itself refuses, known from the config alone: an attention implementation it does not
     support (its own _supports_sdpa / _supports_flash_attn flags), head dims above flash-attn's limit, fp16 in the
     families it overflows in."""
@@ -73,11 +73,20 @@ def architecture_problems(cfg: Config, model_config: Any) -> list[str]:
                             "\"sdpa\".")
     if (problem := precision_problem(model_config.model_type, cfg.model.dtype)) is not None:
         problems.append(problem)
+    if cfg.lora.enabled:
+        problems += adapter_problems(cfg, model_config, hf_deepspeed_config)
     if _timm_towers(model_config) and not is_timm_available():
         problems.append(f"model.model_name_or_path: {cls.__name__} builds its vision tower with timm "
                         f"({', '.join(_timm_towers(model_config))}), which is not installed; `pip install "
                         "'timm>=1.0.23'` (the tower stays frozen, but it is part of the checkpoint).")
     return problems
+
+
+def adapter_problems(cfg: Config, model_config: Any, hf_deepspeed_config: Any) -> list[str]:
+    """lora.target_modules and modules_to_save against the model's own modules, built on the meta device."""
+    from .lora import lora_problems
+
+    return lora_problems(meta_model(model_config, hf_deepspeed_config), cfg.lora)
 
 
 def _timm_towers(model_config: Any) -> list[str]:
@@ -150,7 +159,8 @@ def deepspeed_source(custom: Path | None) -> str:
 def check_before_loading(cfg: Config, ds_config: dict, args: Any, model_config: Any, steps: int,
                          custom: Path | None) -> None:
     """Every check above, reported together before the model loads."""
-    problems = (environment_problems(cfg) + architecture_problems(cfg, model_config)
+    problems = (environment_problems(cfg)
+                + architecture_problems(cfg, model_config, getattr(args, "hf_deepspeed_config", None))
                 + deepspeed_problems(ds_config, args, model_config, steps, deepspeed_source(custom)))
     if problems:
         raise UserError(problems)

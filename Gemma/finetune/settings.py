@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import Ablation, Config, PromptConfig
+from .config import Ablation, Config, LoraConfig, PromptConfig
 from .errors import UserError
 from .gemma import check_model_directory
 
@@ -61,8 +61,20 @@ def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) > 1:  # e.g. "all-linear" or a list of names: the first that takes the value
+            for option in options:
+                inner = []
+                checked = _check_value(value, option, where, inner)
+                if not inner:
+                    return checked
+            choices = [str(c) for o in options if typing.get_origin(o) is Literal for c in typing.get_args(o)]
+            close = difflib.get_close_matches(str(value), choices, n=1) if isinstance(value, str) else []
+            hint = f" Did you mean {json.dumps(close[0])}?" if close else ""
+            problems.append(f"{where}: expected {_type_name(tp)}, got {json.dumps(value)}.{hint}")
+            return _BAD
         inner: list[str] = []
-        checked = _check_value(value, next(a for a in args if a is not type(None)), where, inner)
+        checked = _check_value(value, options[0], where, inner)
         # "expected an integer, got ..." -> "expected an integer or null, got ..."
         problems += [p.replace(", got ", " or null, got ", 1) if "expected" in p else p for p in inner]
         return checked
@@ -257,9 +269,24 @@ def validate_config(cfg: Config, config_path: Path, sources: dict[str, str] | No
         fields = [f.name for f in dataclasses.fields(cfg.data.fields) if getattr(cfg.data.fields, f.name) == column]
         need(False, "data.fields", f"{' and '.join(fields)} are all read from the column {column!r}; give each record "
                                    "field a column of its own.")
+    lora_problems(cfg.lora, check)
     data_file_problems(cfg, config_path, check)
     model_problems(cfg, config_path, check)
     return check.problems
+
+
+def lora_problems(lora: LoraConfig, check: Checks) -> None:
+    """The lora section's ranges (checked whether or not it is enabled, so that turning it on cannot fail late).
+    Whether target_modules name modules of this model is checked against the model built on the meta device
+    (preflight), before the weights load."""
+    need = check.need
+    need(lora.r >= 1, "lora.r", f"must be at least 1, got {lora.r}.")
+    need(0 < lora.alpha < math.inf, "lora.alpha", f"must be a positive, finite number, got {lora.alpha}.")
+    need(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}.")
+    if isinstance(lora.target_modules, list):
+        need(bool(lora.target_modules), "lora.target_modules", "is empty; name modules, or use \"all-linear\".")
+        need(all(name.strip() for name in lora.target_modules), "lora.target_modules", "holds an empty name.")
+    need(all(name.strip() for name in lora.modules_to_save), "lora.modules_to_save", "holds an empty name.")
 
 
 def data_file_problems(cfg: Config, config_path: Path, check: Checks) -> None:

@@ -28,7 +28,7 @@ from .deepspeed_config import cpu_checkpointing
 from .faults import FaultGuard
 from .memory_plan import MemoryPlan, memory_plan_summary
 from .modeling import load_model, parameter_counts
-from .outputs import FINAL_DIRNAME, library_versions, loss_summary
+from .outputs import ADAPTER_DIRNAME, FINAL_DIRNAME, library_versions, loss_summary
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -237,28 +237,59 @@ def validation_metrics(trainer: Trainer) -> dict:
     return evaluation_at(trainer.state.log_history, trainer.state.global_step) or trainer.evaluate()
 
 
-def save_final_model(trainer: Trainer, output_dir: Path, rank: int, chat: ChatFormat) -> Path:
+def save_final_model(trainer: Trainer, output_dir: Path, rank: int, chat: ChatFormat, cfg: Config,
+                     model_path: str) -> Path:
     """final/: consolidated 16-bit weights (gathered by every rank) + tokenizer, renamed into place when complete;
     ready for the clients users load it with: generation stops where a model turn ends, and the tokenizer's chat
-    template (the one training used, Gemma's when the base tokenizer had none) rebuilds the training prompt."""
-    staging, final = output_dir / f".{FINAL_DIRNAME}.tmp", output_dir / FINAL_DIRNAME
-    generation = trainer.model.generation_config
-    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-    generation.eos_token_id = list(dict.fromkeys([chat.end_of_turn_id, *(t for t in eos if t is not None)]))
+    template (the one training used, Gemma's when the base tokenizer had none) rebuilds the training prompt.
+    LoRA runs first save adapter/ (the trainable parameters only), then rank 0 merges it into the base model."""
     if chat.template_given:
         trainer.processing_class.chat_template = chat.template
+    if cfg.lora.enabled:
+        adapter = into_place(output_dir / ADAPTER_DIRNAME, rank, lambda staging: trainer.save_model(str(staging)))
+        return into_place(output_dir / FINAL_DIRNAME, rank,
+                          lambda staging: save_merged_model(trainer, adapter, staging, chat, cfg, model_path),
+                          on_rank0_only=True)
+    stop_at_end_of_turn(trainer.model.generation_config, chat)
     config = trainer.model.config
     config.use_cache = True  # users generate from final/: give them the cache back ...
     try:
-        trainer.save_model(str(staging))
+        return into_place(output_dir / FINAL_DIRNAME, rank, lambda staging: trainer.save_model(str(staging)))
     finally:
         config.use_cache = False  # ... in the saved config; the test-set loss after this needs none
+
+
+def into_place(target: Path, rank: int, write: Callable[[Path], Any], on_rank0_only: bool = False) -> Path:
+    """Writes `target` into a staging directory beside it (every rank calls write, as a gathering save needs, or
+    rank 0 alone) and renames it into place once complete."""
+    staging = target.with_name(f".{target.name}.tmp")
+    if rank == 0 or not on_rank0_only:
+        write(staging)
     dist.barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    return final
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    dist.barrier()
+    return target
+
+
+def stop_at_end_of_turn(generation: Any, chat: ChatFormat) -> None:
+    """Generation stops at the token that ends a model turn as well as at the model's own end tokens."""
+    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    generation.eos_token_id = list(dict.fromkeys([chat.end_of_turn_id, *(t for t in eos if t is not None)]))
+
+
+def save_merged_model(trainer: Trainer, adapter: Path, staging: Path, chat: ChatFormat, cfg: Config,
+                      model_path: str) -> None:
+    """Rank 0: the base model from disk with the adapter merged in, saved as a plain checkpoint with the tokenizer."""
+    from .lora import merged_model  # peft: imported only by runs that use it
+
+    model = merged_model(model_path, str(adapter), cfg, trainer.args.hf_deepspeed_config)
+    stop_at_end_of_turn(model.generation_config, chat)
+    model.config.use_cache = True
+    model.save_pretrained(staging)
+    trainer.processing_class.save_pretrained(staging)
 
 
 def training_results(trainer: GuardedTrainer, train_metrics: dict, cfg: Config, ablation: Ablation,
@@ -281,7 +312,7 @@ def training_results(trainer: GuardedTrainer, train_metrics: dict, cfg: Config, 
         "examples": {name: dataclasses.asdict(split.stats) for name, split in splits.items()},
         "data_overlap": overlap(splits),  # empty unless data.allow_overlap let shared examples through
         "deepspeed": describe_engine(trainer),
-        "parameters": parameter_counts(trainer.model),  # trained (the language model) and frozen (towers)
+        "parameters": parameter_counts(trainer.model),  # trained (the language model, or LoRA's adapters) and frozen
         "memory_plan": memory_plan_summary(memory) if memory is not None else None,
         "batching": {"padding_free": use_padding_free(cfg), "group_by_length": trainer.sampler is not None},
         "throughput": throughput,
