@@ -7,7 +7,7 @@
 
 The real model, Gemma 3 270M (the demo model), every main runner on the same batches:
 
-    .venv/bin/python benchmarks/speed.py --model Gemma/models/gemma-3-270m --same_batches --repeats 3 --steps 10 \\
+    .venv/bin/python benchmarks/speed.py --model Gemma/models/gemma-3-270m --same_batches --repeats 3 --steps 8 \\
         --output benchmarks/results/speed_gemma-3-270m.md
 
 On 2 cores a LoRA launch of the real model takes about 20-25 s of start-up plus 12 s/step (ours) or 21 s/step (TRL);
@@ -55,8 +55,10 @@ bare loop train the same shuffled, padded batches; ours does too with --same_bat
   when the measured script has no such keys).
 The LoRA runners are skipped when the measured script has no lora section or peft is missing, the TRL ones when trl
 is missing.
-All are timed the same way (benchmarks/step_probe.py): a step lasts from one step's end to the next, median over the
-steps after the first; tokens/s = real (non-padding) tokens of both ranks over those steps / their wall time; peak RSS
+All are timed the same way (benchmarks/step_probe.py): a step lasts from one step's end to the next, median over
+steps 3..N; tokens/s = real (non-padding) tokens of both ranks over those steps / their wall time (the first two steps
+under DeepSpeed carry one-off costs: on Gemma 3 270M, step 2 took 1.8x (ours) to 4x (ours, LoRA) a later step, the
+bare loop's did not; left in, they dominated tokens/s of a short launch); peak RSS
 per rank (getrusage: the whole launch, model loading included). For ours, results.json's own "throughput" figures are
 shown too (they time a step from on_step_begin to on_step_end, i.e. without fetching and collating the batch). The
 report's ratio section gives, per pair, s/step A / B and tokens/s A / B of the same repeat: ours / TRL (full), ours /
@@ -102,6 +104,7 @@ VENV_BIN = Path(sys.executable).parent
 DEMO_TRAIN = REPO / "Gemma" / "data" / "demo" / "train.jsonl"
 REAL_MODEL = REPO / "Gemma" / "models" / "gemma-3-270m"
 ABLATION = "profile_and_history"
+WARMUP_STEPS = 2  # steps left out of every timing: DeepSpeed's one-off costs fall in them (module docstring)
 PLAIN_BATCHING = ["training.group_by_length=false", "training.padding_free=false"]
 # Variants of ours: (--set overrides, extra environment, zero_optimization keys changed in a copy of the generated
 # DeepSpeed JSON passed as --deepspeed_config). The first two are the main table's; --profile adds the rest to price
@@ -161,8 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs' files here (default: a temporary "
                    "directory, deleted at the end unless a run failed)")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.steps < 3:
-        p.error("--repeats must be at least 1 and --steps at least 3 (the first step is left out of the medians)")
+    if args.repeats < 1 or args.steps < WARMUP_STEPS + 2:
+        p.error(f"--repeats must be at least 1 and --steps at least {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} "
+                "steps are left out of the timings)")
     if args.model != "tiny" and not (Path(args.model) / "config.json").is_file():
         p.error(f"--model: {args.model} is neither \"tiny\" nor a model directory (no config.json)")
     if args.runners is not None:
@@ -388,16 +392,19 @@ def summarise_probe(probe_dir: Path) -> dict:
         raise RuntimeError(f"no probe files in {probe_dir}")
     r0 = ranks[0]
     ends = r0["step_ends"]
-    intervals = [b - a for a, b in zip(ends, ends[1:])]
-    compute = [e - b for b, e in zip(r0["step_begins"][1:], ends[1:])]
-    # Micro-batches per optimizer step (gradient accumulation); the first step's are left out with it.
+    if len(ends) <= WARMUP_STEPS + 1:
+        raise RuntimeError(f"{len(ends)} steps in {probe_dir}: --steps must be at least {WARMUP_STEPS + 2}")
+    timed = ends[WARMUP_STEPS - 1:]  # step k lasts from step k-1's end to its own
+    intervals = [b - a for a, b in zip(timed, timed[1:])]
+    compute = [e - b for b, e in zip(r0["step_begins"][WARMUP_STEPS:], ends[WARMUP_STEPS:])]
+    # Micro-batches per optimizer step (gradient accumulation); the warm-up steps' are left out with them.
     per_step = max(1, len(r0["real_tokens"]) // len(ends))
-    real_after_first = sum(sum(r["real_tokens"][per_step:per_step * len(r["step_ends"])]) for r in ranks)
+    real_timed = sum(sum(r["real_tokens"][per_step * WARMUP_STEPS:per_step * len(r["step_ends"])]) for r in ranks)
     return {
         "steps": len(ends),
         "s_per_step": statistics.median(intervals),
-        "compute_s_per_step": statistics.median(compute) if compute else None,
-        "tokens_per_s": real_after_first / (ends[-1] - ends[0]),
+        "compute_s_per_step": statistics.median(compute),
+        "tokens_per_s": real_timed / (timed[-1] - timed[0]),
         "padding_efficiency": sum(sum(r["real_tokens"]) for r in ranks) / sum(sum(r["processed_tokens"]) for r in ranks),
         "peak_rss_bytes": [r["peak_rss_bytes"] for r in ranks],
         "batches": [[r["real_tokens"], r["processed_tokens"]] for r in ranks],  # to check runners trained the same
@@ -749,8 +756,9 @@ def render_report(args, ctx: dict, results: list[RunResult], runners: list[str],
         "same JSON, full and LoRA); LoRA: r 16, alpha 32, dropout 0.05, every linear layer of the decoder, bf16 "
         "adapters (ours and TRL); bare loop: DDP, no ZeRO, loss from the full logits",
         "- Figures: median (min–max) over launches. s/step: from one step's end to the next (batch fetch and "
-        "collation included), median over steps 2..N, rank 0. compute s/step: on_step_begin to on_step_end. "
-        "tokens/s: real (non-padding) tokens of both ranks over steps 2..N / their wall time. vs ours: s/step over "
+        f"collation included), median over steps {WARMUP_STEPS + 1}..N, rank 0. compute s/step: on_step_begin to "
+        f"on_step_end. tokens/s: real (non-padding) tokens of both ranks over steps {WARMUP_STEPS + 1}..N / their wall "
+        "time. vs ours: s/step over "
         "ours' s/step of the same repeat. padding eff.: real / processed tokens of the batches trained. "
         "Peak RSS per rank (getrusage, whole launch). launch wall: the whole launch (start-up, model loading, "
         "the steps, the final save).",
