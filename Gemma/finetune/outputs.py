@@ -13,7 +13,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,37 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
+    """One JSON object per line, streamed (a converted benchmark can be a million records: never one string in
+    memory); returns how many were written."""
+    written = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal written
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                written += 1
+
+    write_atomic(path, write)
+    return written
+
+
+# The files the data converters (convert_movielens.py, convert_lamp.py) write into their --output_dir.
+SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+
+
+def check_split_files(output_dir: Path, overwrite: bool) -> None:
+    """Converted data is never replaced unless the user says so: checked before any input is read."""
+    existing = [output_dir / name for name in SPLIT_FILES.values() if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise UserError(f"{output_dir}: already holds {', '.join(p.name for p in existing)}. Choose another "
+                        "--output_dir, or add --overwrite to replace them.")
+
+
+def write_splits(output_dir: Path, splits: Mapping[str, Iterable[dict]]) -> dict[str, int]:
+    """Each split's records into its SPLIT_FILES file, atomically; returns the record count per split."""
+    return {split: write_jsonl_atomic(output_dir / SPLIT_FILES[split], records) for split, records in splits.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
