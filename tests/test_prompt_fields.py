@@ -307,9 +307,10 @@ def test_dry_run_shows_the_rendered_example_under_the_runs_prompt(tiny_model, da
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / DRY_RUN_DIRNAME / "report.md").read_text()
     first = read_records(data_dir / "train.jsonl", FieldNames())[0]
-    user_turn = ("Recommend one genre.\n\nUser profile:\n- occupation: " + first["profile"]["occupation"]
-                 + "\n\nInteraction history (oldest first):\n1. genre: " + first["history"][0]["genre"] + "\n")
-    assert user_turn in report
+    # the user turn: the instruction, then only the listed attributes (the oldest history items may not fit)
+    assert ("<start_of_turn>user\nRecommend one genre.\n\nUser profile:\n- occupation: "
+            + first["profile"]["occupation"] + "\n\nInteraction history (oldest first):\n1. genre: ") in report
+    assert f". genre: {first['history'][-1]['genre']}\n\nQuery: {first['query']}<end_of_turn>" in report
     assert "- age:" not in report.split("## One example")[1].split("## Memory")[0]
     assert "This ablation's prompt: an instruction; profile shown, attributes occupation; history shown, " \
            "attributes genre." in report
