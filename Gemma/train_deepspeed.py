@@ -207,7 +207,9 @@ def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, Any, dict]
     from finetune.prompts import PromptEncoder, load_tokenizer
 
     tokenizer = load_tokenizer(plan.tokenizer_path)
-    encoder = PromptEncoder.for_prompt(tokenizer, plan.cfg.training.max_length, plan.cfg.prompt)
+    # Examples are fitted on config.json's prompt (the study's), not the ablation's: every ablation keeps the same ones.
+    encoder = PromptEncoder.for_prompt(tokenizer, plan.cfg.training.max_length, plan.cfg.prompt,
+                                       plan.ablation.study_prompt)
     encoder.check_fixed_parts()
     splits = {}
     for name in names:

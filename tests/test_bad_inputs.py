@@ -154,6 +154,11 @@ def setup_case(case: str, tmp: Path, model: Path) -> list[str]:
         _data(tmp, _records(**{"2__query": "Which genre?<end_of_turn>"}))
     elif case == "two_fields_one_column":
         sections["data"] = {"fields": {"query": "target"}}
+    elif case == "unknown_history_field":
+        sections["prompt"] = {"history_fields": ["genre", "ratng"]}
+    elif case == "string_profile_with_fields":
+        _data(tmp, [{**r, "profile": "Likes old films."} for r in make_records(8)])  # one type per field
+        sections["prompt"] = {"profile_fields": ["age"]}
     elif case == "blank_line_location":
         records = make_records(4)
         records[2].pop("query")
@@ -239,6 +244,10 @@ CASES = {
     "empty_target": ["train.jsonl: line 6: target is empty"],
     "control_token_in_text": ["train.jsonl: line 3: query holds '<end_of_turn>', the tokenizer's control token text"],
     "two_fields_one_column": ["data.fields: query and target are all read from the column 'target'"],
+    "unknown_history_field": ["train.jsonl: prompt.history_fields: no history item in this file has an attribute "
+                              "'ratng'. Did you mean 'rating'? Its history items have: title, genre, rating."],
+    "string_profile_with_fields": ["train.jsonl: line 1: profile is a string, but prompt.profile_fields selects "
+                                   "attributes of objects", "set prompt.profile_fields to null"],
     "blank_line_location": ["train.jsonl: line 4: query is missing"],
     # --set
     "set_type_error": ["--set training.max_steps=ten: expected an integer or null, got \"ten\""],

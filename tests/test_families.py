@@ -43,7 +43,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def test_the_prompt_follows_the_published_turn_format_token_by_token(arch, models):
     turns = FAMILY_TURNS[arch]
     tokenizer = load_tokenizer(str(models[arch]))
-    encoder = PromptEncoder(tokenizer, 512, system=SYSTEM)
+    encoder = PromptEncoder(tokenizer, 512, PromptConfig(system=SYSTEM))
     example = encoder.encode(RECORD, PromptConfig(), 2)
     message = render_user_message(RECORD, PromptConfig(), 2)
     if turns["system"] == "own_turn":  # Gemma 4: a system turn of its own

@@ -58,17 +58,27 @@ class PromptConfig:
     include_history: bool = True
     # Keep at most this many of the most recent history items (null: all that fit in max_length).
     max_history_items: int | None = None
-    # A system text (task instructions): in the system turn where the chat template has one (Gemma 4), else at the
-    # start of the user turn, before the sections (Gemma 1-3). The same in every ablation unless a profile sets it.
+    # A system text: in the system turn where the chat template has one (Gemma 4), else at the start of the user
+    # turn, before the sections (Gemma 1-3). The same in every ablation unless a profile sets it.
     system: str | None = None
+    # The task text, always the first paragraph of the user turn, before the sections (after a system text that joins
+    # the user turn): the same place in every Gemma, right above the data it is about. Null: none.
+    instruction: str | None = None
+    # Which attributes of an object profile, and of object history items, are shown, in this order (null: all of them,
+    # in the record's order). The names are checked against the training file before the model loads; a record that
+    # lacks one shows the others. Lets an ablation measure what one attribute is worth.
+    profile_fields: list[str] | None = None
+    history_fields: list[str] | None = None
     # Passed to chat templates that can think first (Gemma 4): off, so that the model answers at once, as the
     # training targets do.
     enable_thinking: bool = False
 
     def with_every_section(self) -> PromptConfig:
-        """The full prompt: every section, all the history. Which examples fit in max_length (and how many history
-        items they keep) is decided on it, so that every ablation keeps the same examples."""
-        return dataclasses.replace(self, include_profile=True, include_history=True, max_history_items=None)
+        """The full prompt: every section, every attribute, all the history, with this prompt's texts (system,
+        instruction). Which examples fit in max_length (and how many history items they keep) is decided on it, for
+        config.json's prompt, so that every ablation keeps the same examples."""
+        return dataclasses.replace(self, include_profile=True, include_history=True, max_history_items=None,
+                                   profile_fields=None, history_fields=None)
 
 
 @dataclass
@@ -178,3 +188,6 @@ class Ablation:
     name: str
     description: str
     prompt: dict = field(default_factory=dict)
+    # config.json's prompt, before this profile and --set: what every ablation of a study shares. The examples kept,
+    # and their history items, are decided on its full prompt (with_every_section), never on the ablation's.
+    study_prompt: PromptConfig = field(default_factory=PromptConfig)

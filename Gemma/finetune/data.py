@@ -1,13 +1,14 @@
 """Data files -> checked records -> encoded splits (token ids, labels, and what happened to each split).
 
 Every split keeps the same examples whatever the ablation: which records fit in max_length, and how many history
-items they keep, is decided on the full prompt (prompts.PromptEncoder.fit_full_prompt).
+items they keep, is decided on config.json's full prompt (prompts.PromptEncoder.fit_full_prompt).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import datasets
 
 from .config import Config, FieldNames, PromptConfig
 from .errors import UserError
-from .prompts import SECTIONS, PromptEncoder, included, prompt_length
+from .prompts import SECTIONS, PromptEncoder, included, prompt_length, shown_fields
 from .settings import DATA_EXTENSIONS
 
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(FieldNames))
@@ -116,6 +117,46 @@ def check_record(rec: dict, where: str, prompt: PromptConfig) -> list[str]:
                 problems.append(f"{where}: {section.name} is missing but this ablation includes the {section.name}.")
         elif (problem := section.problem(value)) is not None:
             problems.append(f"{where}: {section.name} {problem}.")
+        elif shown_fields(prompt, section) is not None:
+            # Checked whether or not this ablation shows the section, so that every ablation of a study agrees.
+            strings = [i for i, v in enumerate(value if section.is_list else [value], 1) if isinstance(v, str)]
+            if strings:
+                what = (f"history item {', '.join(map(str, strings[:5]))}{' ...' if len(strings) > 5 else ''} is"
+                        if section.is_list else f"{section.name} is")
+                problems.append(f"{where}: {what} a string, but prompt.{section.name}_fields selects attributes of "
+                                f"objects; give it as an object, or set prompt.{section.name}_fields to null.")
+    return problems
+
+
+def section_objects(records: list[dict], section_name: str) -> list[dict]:
+    """The objects a section's attributes are read from, in every record: the profile, or each history item."""
+    objects = []
+    for rec in records:
+        value = rec[section_name]
+        for obj in value if isinstance(value, list) else [value]:
+            if isinstance(obj, dict):
+                objects.append(obj)
+    return objects
+
+
+def field_list_problems(records: list[dict], path: Path, prompt: PromptConfig) -> list[str]:
+    """Each name in prompt.<section>_fields must be an attribute that some record of the (training) file has, with a
+    value: a misspelt name would otherwise show nothing, silently, in every example. A name that only some records
+    have is shown where they have it (Arrow gives the others null, which renders as absent)."""
+    problems = []
+    for section in SECTIONS:
+        names = shown_fields(prompt, section)
+        objects = section_objects(records, section.name)
+        if names is None or not objects:  # no object at all: check_record has said why (strings, or missing)
+            continue
+        present = list(dict.fromkeys(k for obj in objects for k, v in obj.items() if v is not None))
+        what = "history item" if section.is_list else section.name
+        for name in names:
+            if name not in present:
+                close = difflib.get_close_matches(name, present, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                problems.append(f"{path}: prompt.{section.name}_fields: no {what} in this file has an attribute "
+                                f"{name!r}.{hint} Its {what}s have: {', '.join(present)}.")
     return problems
 
 
@@ -189,12 +230,15 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
     records = read_records(path, cfg.data.fields)
     locations = record_locations(path, len(records))
     problems = record_problems(records, locations, cfg.prompt, encoder)
+    if split == "train":
+        problems += field_list_problems(records, path, cfg.prompt)
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more problems in {path}"] if len(problems) > 20 else [])
         raise UserError(shown)
     examples, ids, targets, group_lengths, hashes = [], [], [], [], []
     first: tuple[dict, int] | None = None
     shortened = dropped = 0
+    too_long: list[str] = []  # longer with the run's prompt than with the full prompt they were fitted on
     for i, rec in enumerate(records):
         target_len = len(encoder.target_ids(rec["target"]))
         if target_len >= encoder.max_length:
@@ -210,14 +254,31 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
         group_lengths.append(full_length)
         shortened += kept < len(rec["history"] or [])
         examples.append(encoder.encode(rec, cfg.prompt, kept))
+        if len(examples[-1]["input_ids"]) > encoder.max_length:
+            too_long.append(f"{locations[i]} ({len(examples[-1]['input_ids'])} tokens)")
         ids.append(str(rec["id"]) if rec["id"] is not None else f"{split}:{i}")
         targets.append(rec["target"].strip())
         hashes.append(content_hash(rec))
     if first is None:
         raise UserError(f"{path}: no record fits in training.max_length={encoder.max_length} even without history; "
                         "raise max_length.")
+    if too_long:
+        raise UserError(outgrown_problem(too_long, cfg.prompt, encoder))
     stats = split_stats(examples, ids, len(records), dropped, shortened)
     return Split(examples, ids, targets, stats, group_lengths, *first, content_hashes=hashes)
+
+
+def outgrown_problem(too_long: list[str], prompt: PromptConfig, encoder: PromptEncoder) -> str:
+    """Examples that fit with config.json's full prompt but not with the run's: its texts are longer (an ablation
+    profile's or a --set's instruction or system text, thinking) or its attributes tokenize longer in their order."""
+    study = encoder.full_prompt
+    changed = [f"prompt.{k}" for k in ("system", "instruction", "enable_thinking", "profile_fields", "history_fields")
+               if getattr(prompt, k) != getattr(study, k)]
+    return (f"{len(too_long)} examples are longer than training.max_length={encoder.max_length} with this run's "
+            f"prompt (e.g. {', '.join(too_long[:3])}), though they fit with config.json's full prompt. Which examples "
+            "are kept is decided on config.json's prompt so that every ablation keeps the same ones; this run's "
+            f"{' and '.join(changed) or 'prompt'} (from the ablation profile or --set) makes them longer. Give "
+            "config.json the longest system text and instruction of the study, or raise training.max_length.")
 
 
 def overlap(splits: dict[str, Split]) -> dict[str, dict]:

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import Config, LoraConfig
+from .config import Config, LoraConfig, PromptConfig
 from .data import Split
 from .memory_plan import GIB, GPU_USABLE_FRACTION, ZERO3_BUFFER_FACTOR, MemoryPlan
-from .prompts import PromptEncoder, render_user_message
+from .prompts import SECTIONS, PromptEncoder, included, render_user_message, shown_fields
 
 
 def first_example(encoder: PromptEncoder, train: Split, cfg: Config) -> dict:
@@ -19,6 +19,17 @@ def first_example(encoder: PromptEncoder, train: Split, cfg: Config) -> dict:
     return {"sections": encoder.section_lengths(record, cfg.prompt, history_items),
             "prompt": encoder.prompt_text(render_user_message(record, cfg.prompt, history_items)),
             "target": record["target"].strip()}
+
+
+def _prompt_settings(prompt: PromptConfig) -> str:
+    """One sentence: what this run's prompt shows of each section, and whether it has an instruction."""
+    shown = []
+    for section in SECTIONS:
+        fields = shown_fields(prompt, section)
+        attributes = "all attributes" if fields is None else "attributes " + ", ".join(fields)
+        shown.append(f"{section.name} {'shown, ' + attributes if included(prompt, section) else 'left out'}")
+    instruction = "an instruction" if prompt.instruction else "no instruction"
+    return f"This ablation's prompt: {instruction}; {'; '.join(shown)}."
 
 
 def _gib(n: int | float | None) -> str:
@@ -130,7 +141,8 @@ def dry_run_report(cfg: Config, config_name: str, ablation_name: str, model_path
     sections = example["sections"]
     lines += [f"## One example (first training record, ablation {ablation_name})", ""]
     lines += _markdown_table([*sections, "total"], [[*sections.values(), sum(sections.values())]])
-    lines += ["", "Prompt (the model's input) and answer (the only supervised tokens):", "", "```text",
+    lines += ["", _prompt_settings(cfg.prompt), "",
+              "Prompt (the model's input) and answer (the only supervised tokens):", "", "```text",
               example["prompt"], "```", "", "```text", example["target"], "```", ""]
     lines += _memory_section(cfg, mp, custom_deepspeed)
     lines += ["## DeepSpeed config", "", "```json", json.dumps(ds_config, indent=2), "```", "",

@@ -1,7 +1,8 @@
 """Records -> the user turn -> token ids and labels, in the tokenizer's chat format (chat_format.py).
 
-The user turn holds the prompt's sections in order (each shown when PromptConfig's include_<name> is true), then the
-query. A new section is one entry in SECTIONS, a field of that name in config.FieldNames and an include_<name> key in
+The user turn holds the instruction (PromptConfig.instruction), the prompt's sections in order (each shown when
+PromptConfig's include_<name> is true, with the attributes its <name>_fields lists), then the query. A new section is
+one entry in SECTIONS, a field of that name in config.FieldNames and include_<name> and <name>_fields keys in
 config.PromptConfig; rendering, record checks, token counts per section and ablation profiles follow from them.
 """
 
@@ -22,19 +23,22 @@ IGNORE_INDEX = -100  # label value the loss skips (torch's CrossEntropyLoss defa
 CONTROL_TOKEN_SHAPE = re.compile(r"<[^<>\s]{1,40}>")
 
 
-def _attributes(obj: dict | str, sep: str) -> str:
+def _attributes(obj: dict | str, sep: str, fields: list[str] | None) -> str:
+    """An object's attributes as "key: value" (all of them in the record's order, or the listed `fields` in the
+    list's order); a string as is (data.check_record refuses strings where fields are listed)."""
     if isinstance(obj, str):
         return obj.strip()
+    pairs = obj.items() if fields is None else ((name, obj.get(name)) for name in fields)
     # Arrow fills keys missing from one record with null; a null attribute is not information.
-    return sep.join(f"{k}: {v}" for k, v in obj.items() if v is not None)
+    return sep.join(f"{k}: {v}" for k, v in pairs if v is not None)
 
 
-def _profile_body(profile: dict | str) -> str:
-    return profile.strip() if isinstance(profile, str) else "- " + _attributes(profile, "\n- ")
+def _profile_body(profile: dict | str, fields: list[str] | None) -> str:
+    return profile.strip() if isinstance(profile, str) else "- " + _attributes(profile, "\n- ", fields)
 
 
-def _history_body(items: list) -> str:
-    return "\n".join(f"{i}. {_attributes(item, '; ')}" for i, item in enumerate(items, 1)) or "(none)"
+def _history_body(items: list, fields: list[str] | None) -> str:
+    return "\n".join(f"{i}. {_attributes(item, '; ', fields)}" for i, item in enumerate(items, 1)) or "(none)"
 
 
 def _profile_problem(value: Any) -> str | None:
@@ -57,7 +61,7 @@ class Section:
 
     name: str
     heading: str
-    body: Callable[[Any], str]  # the record's value (for a list section: the items kept) -> text
+    body: Callable[[Any, list[str] | None], str]  # the record's value (a list section: the items kept), fields -> text
     problem: Callable[[Any], str | None]  # what is wrong with a record's (non-null) value, or None
     is_list: bool = False  # a list of items, of which only the most recent fit (history)
 
@@ -72,20 +76,26 @@ def included(prompt: PromptConfig, section: Section) -> bool:
     return getattr(prompt, f"include_{section.name}")
 
 
+def shown_fields(prompt: PromptConfig, section: Section) -> list[str] | None:
+    """The attributes of the section's objects that the prompt shows, in order; None: all, in the record's order."""
+    return getattr(prompt, f"{section.name}_fields")
+
+
 def render_user_message(record: dict, prompt: PromptConfig, history_items: int) -> str:
-    """The user turn: the sections the prompt includes, in SECTIONS order, then the query. A list section shows its
-    last `history_items` items (most recent last), at most prompt.max_history_items of them. Sections the prompt
-    leaves out are absent, not empty."""
+    """The user turn: the instruction, the sections the prompt includes (in SECTIONS order, with the attributes it
+    lists), then the query. A list section shows its last `history_items` items (most recent last), at most
+    prompt.max_history_items of them. Sections the prompt leaves out are absent, not empty."""
     if prompt.max_history_items is not None:
         history_items = min(history_items, prompt.max_history_items)
-    parts = []
+    instruction = (prompt.instruction or "").strip()
+    parts = [instruction] if instruction else []
     for section in SECTIONS:
         value = record[section.name]
         if not included(prompt, section) or value is None:
             continue
         if section.is_list:
             value = value[len(value) - history_items:] if history_items else []
-        parts.append(section.heading + "\n" + section.body(value))
+        parts.append(section.heading + "\n" + section.body(value, shown_fields(prompt, section)))
     parts.append("Query: " + record["query"].strip())
     return "\n\n".join(parts)
 
@@ -116,17 +126,25 @@ def load_tokenizer(path: str):
 class PromptEncoder:
     """Turns records into token ids and labels in the tokenizer's chat format (chat_format.ChatFormat: its chat
     template, or Gemma's turn format when it has none). Labels cover only the target and the token that closes a
-    model turn (<end_of_turn>, <turn|>)."""
+    model turn (<end_of_turn>, <turn|>).
 
-    def __init__(self, tokenizer: Any, max_length: int, *, system: str | None = None, thinking: bool = False):
-        self.tokenizer, self.max_length, self.system = tokenizer, max_length, system
-        self.chat = ChatFormat.of(tokenizer, thinking)
+    `prompt` is the run's (its system text and thinking frame every example); `study` is config.json's prompt
+    (default: the run's), whose full prompt decides which examples fit and how many history items they keep, so that
+    every ablation of a study keeps the same ones."""
+
+    def __init__(self, tokenizer: Any, max_length: int, prompt: PromptConfig | None = None,
+                 study: PromptConfig | None = None):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.prompt = prompt or PromptConfig()
+        self.full_prompt = (study or self.prompt).with_every_section()
+        self.chat = ChatFormat.of(tokenizer, self.prompt.enable_thinking)
         self.end_of_turn_id = self.chat.end_of_turn_id
         self.bos_id = tokenizer.bos_token_id
 
     @classmethod
-    def for_prompt(cls, tokenizer: Any, max_length: int, prompt: PromptConfig) -> PromptEncoder:
-        return cls(tokenizer, max_length, system=prompt.system, thinking=prompt.enable_thinking)
+    def for_prompt(cls, tokenizer: Any, max_length: int, prompt: PromptConfig,
+                   study: PromptConfig | None = None) -> PromptEncoder:
+        return cls(tokenizer, max_length, prompt, study)
 
     @functools.cached_property
     def _control_tokens(self) -> tuple[set[str], re.Pattern]:
@@ -143,24 +161,38 @@ class PromptEncoder:
         return list(dict.fromkeys(m for m in pattern.findall(text) if m in special))
 
     def check_fixed_parts(self) -> None:
-        """The turn markers, BOS, a system text and the query label alone must leave room for a target."""
-        fixed = self.template_length() + 2  # + one target token + the end of the model's turn
+        """The system text and the instruction hold no control-token text (as the data may not), and the turn markers,
+        BOS, those texts and the query label alone leave room for a target, with the run's prompt and with the full
+        prompt the examples are fitted on."""
+        texts = dict.fromkeys((key, getattr(p, key)) for p in (self.prompt, self.full_prompt)
+                              for key in ("system", "instruction"))  # the run's, and config.json's where they differ
+        problems = [f"prompt.{key}: holds {', '.join(map(repr, tokens))}, the tokenizer's control token text: the "
+                    "model would read it as markup, not as words. Rewrite it (e.g. 'end of turn')."
+                    for key, text in texts if text and (tokens := self.control_tokens_in(text))]
+        if problems:
+            raise UserError(problems)
+        fixed = max(self.template_length(self.prompt), self.template_length(self.full_prompt)) + 2  # + target, end
         if self.max_length < fixed:
             raise UserError(f"training.max_length={self.max_length} is smaller than the fixed prompt parts "
-                            f"({fixed} tokens: BOS, turn markers, the system text, section labels and a one-token "
-                            "answer). Raise training.max_length (256 or more is typical).")
+                            f"({fixed} tokens: BOS, turn markers, the system text, the instruction, section labels "
+                            "and a one-token answer). Raise training.max_length (256 or more is typical).")
 
-    def template_length(self) -> int:
-        """Tokens of a prompt with no section and an empty query: BOS, turn markers, the system text and the query
-        label."""
+    def template_length(self, prompt: PromptConfig | None = None) -> int:
+        """Tokens of a prompt with no section and an empty query: BOS, turn markers, the system text, the instruction
+        and the query label (of `prompt`, default the run's)."""
+        prompt = prompt or self.prompt
         empty = {section.name: None for section in SECTIONS} | {"query": ""}
-        return len(self.prompt_ids(render_user_message(empty, PromptConfig(), 0)))
+        return len(self._ids(render_user_message(empty, prompt, 0), prompt.system))
 
     def prompt_text(self, user_message: str) -> str:
-        return self.chat.prompt_text(self.tokenizer, user_message, self.system)
+        return self.chat.prompt_text(self.tokenizer, user_message, self.prompt.system)
 
     def prompt_ids(self, user_message: str) -> list[int]:
-        ids = self.tokenizer(self.prompt_text(user_message), add_special_tokens=False)["input_ids"]
+        return self._ids(user_message, self.prompt.system)
+
+    def _ids(self, user_message: str, system: str | None) -> list[int]:
+        text = self.chat.prompt_text(self.tokenizer, user_message, system)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids  # exactly one BOS, whether or not the template wrote it
         return ids
@@ -175,13 +207,15 @@ class PromptEncoder:
         return None if fitted is None else fitted[0]
 
     def fit_full_prompt(self, record: dict, target_len: int) -> tuple[int, int] | None:
-        """(history items kept, tokens of the full-prompt example): see fitting_history."""
-        full = PromptConfig().with_every_section()
+        """(history items kept, tokens of the full-prompt example): see fitting_history. The full prompt is
+        config.json's (self.full_prompt): every section and attribute, its system text and instruction, whatever the
+        ablation."""
+        full = self.full_prompt
         n = len(record["history"] or [])
         lengths: dict[int, int] = {}
 
         def fits(k: int) -> bool:
-            lengths[k] = len(self.prompt_ids(render_user_message(record, full, k))) + target_len
+            lengths[k] = len(self._ids(render_user_message(record, full, k), full.system)) + target_len
             return lengths[k] <= self.max_length
 
         if fits(n):
@@ -195,19 +229,25 @@ class PromptEncoder:
         return lo, lengths[lo]
 
     def section_lengths(self, record: dict, prompt: PromptConfig, history_items: int) -> dict[str, int]:
-        """Tokens each part of encode()'s example adds; "template" is BOS, turn markers and the query label."""
-        shown = dataclasses.replace(prompt, **{f"include_{s.name}": False for s in SECTIONS})
+        """Tokens each part of encode()'s example adds; "template" is BOS, turn markers, the system text and the query
+        label; "instruction" (only when the prompt has one) its paragraph."""
+        shown = dataclasses.replace(prompt, instruction=None, **{f"include_{s.name}": False for s in SECTIONS})
+        no_query = {**record, "query": ""}
 
         def n(with_sections: PromptConfig, rec: dict = record) -> int:
             return len(self.prompt_ids(render_user_message(rec, with_sections, history_items)))
 
-        lengths = {"template": n(shown, {**record, "query": ""})}
-        query = previous = n(shown)
+        lengths = {"template": n(shown, no_query)}
+        if prompt.instruction:
+            shown = dataclasses.replace(shown, instruction=prompt.instruction)
+            lengths["instruction"] = n(shown, no_query) - lengths["template"]
+        query = n(shown) - n(shown, no_query)
+        previous = n(shown)
         for section in SECTIONS:  # add the sections one at a time, as the prompt shows them
             shown = dataclasses.replace(shown, **{f"include_{section.name}": included(prompt, section)})
             length = n(shown)
             lengths[section.name], previous = length - previous, length
-        return {**lengths, "query": query - lengths["template"], "target": len(self.target_ids(record["target"]))}
+        return {**lengths, "query": query, "target": len(self.target_ids(record["target"]))}
 
     def encode(self, record: dict, prompt: PromptConfig, history_items: int) -> dict:
         prompt_ids = self.prompt_ids(render_user_message(record, prompt, history_items))

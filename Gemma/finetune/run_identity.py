@@ -30,6 +30,7 @@ CADENCE_SECTIONS = ("evaluation.", "deepspeed.")
 # Compared by what they hold (data_files, model), not by where they are: a moved file is the same file.
 LOCATION_KEYS = frozenset({"model.model_name_or_path", "model.tokenizer_name_or_path", "data.train_file",
                            "data.validation_file", "data.test_file"})
+FITTED_ON_KEYS = ("system", "instruction")  # the PromptConfig texts of the full prompt that examples are fitted on
 SAMPLE = 1 << 20  # bytes read from each part of a weights file for its fingerprint
 
 
@@ -79,6 +80,8 @@ def run_identity(cfg: Config, ablation: Ablation, data_files: dict[str, Path], m
     return {
         "config": flatten(dataclasses.asdict(cfg)),
         "ablation": ablation.name,
+        # config.json's texts, which decide the examples kept even where the ablation's prompt replaces them
+        "examples_fitted_on": {key: getattr(ablation.study_prompt, key) for key in FITTED_ON_KEYS},
         "data_files": {split: {"path": str(path), "sha256": file_sha256(path)} for split, path in data_files.items()},
         "model": model_identity(model_path),
         "tokenizer": model_identity(tokenizer_path) if tokenizer_path != model_path else "the model's",
@@ -118,8 +121,11 @@ def resume_differences(before: dict, now: dict, checkpoint_step: int) -> tuple[l
             checkpoint_step, old.get(key) or 0)
         (allowed if cadence or longer else refused).append(line)
     for key, what in (("ablation", "ablation"), ("model", "model"), ("tokenizer", "tokenizer"),
-                      ("world_size", "number of processes")):
-        if before.get(key) != now[key]:
+                      ("world_size", "number of processes"),
+                      ("examples_fitted_on", "config.json's prompt texts, on which the examples kept are decided")):
+        # Checkpoints from before examples_fitted_on was recorded lack it (and knew no instruction): not a change.
+        not_recorded = key == "examples_fitted_on" and key not in before
+        if not not_recorded and before.get(key) != now[key]:
             refused.append(f"{what}: the checkpoint was trained with {_show(before.get(key))}, this run has "
                            f"{_show(now[key])}")
     old_files, new_files = before.get("data_files", {}), now["data_files"]

@@ -6,6 +6,7 @@ Precedence: defaults < config.json < ablation profile < --set.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -260,6 +261,7 @@ def validate_config(cfg: Config, config_path: Path, sources: dict[str, str] | No
          "training", "learning_rate, warmup_ratio, weight_decay and max_grad_norm must be finite numbers.")
     need(cfg.prompt.max_history_items is None or cfg.prompt.max_history_items >= 0, "prompt.max_history_items",
          "must be >= 0, or null for all.")
+    prompt_problems(cfg.prompt, check)
     e = cfg.evaluation
     need(e.max_test_examples is None or e.max_test_examples >= 1, "evaluation.max_test_examples",
          "must be at least 1, or null for the whole test file.")
@@ -273,6 +275,26 @@ def validate_config(cfg: Config, config_path: Path, sources: dict[str, str] | No
     data_file_problems(cfg, config_path, check)
     model_problems(cfg, config_path, check)
     return check.problems
+
+
+def prompt_problems(prompt: PromptConfig, check: Checks) -> None:
+    """The prompt texts and attribute lists, as far as the config alone can tell; whether the listed attributes
+    exist is checked against the training file (data.field_list_problems), before the model loads."""
+    need = check.need
+    need(prompt.instruction is None or bool(prompt.instruction.strip()), "prompt.instruction",
+         "is empty; give the task text, or null for no instruction.")
+    for f in dataclasses.fields(PromptConfig):
+        names = getattr(prompt, f.name)
+        if not f.name.endswith("_fields") or names is None:
+            continue
+        section = f.name.removesuffix("_fields")
+        # An empty list would show a heading over nothing: leaving the section out is what include_<section> is for.
+        need(bool(names), f"prompt.{f.name}", f"is empty; list the attributes to show, null to show all, or set "
+                                              f"prompt.include_{section} to false to leave the {section} out.")
+        need(all(name.strip() for name in names), f"prompt.{f.name}", "holds an empty name.")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        need(not twice, f"prompt.{f.name}", f"names {', '.join(map(repr, twice))} more than once; list each "
+                                            "attribute once.")
 
 
 def lora_problems(lora: LoraConfig, check: Checks) -> None:
@@ -383,6 +405,9 @@ def load_settings(config_path: Path, ablation: str, overrides: list[str]) -> tup
     sources: dict[str, str] = {}  # key path -> where its value was set, when not in config.json
     ablation_name, ablation_path = resolve_ablation(ablation)
     profile = load_ablation(ablation_path, problems, ablation_name)
+    # Its problems are reported below, as the config's; a value the profile replaces falls back to its default here.
+    study_prompt = build_dataclass(PromptConfig, copy.deepcopy(raw.get("prompt")), "", []) \
+        if isinstance(raw.get("prompt"), dict) else PromptConfig()
     if profile is not None and isinstance(raw.setdefault("prompt", {}), dict):
         raw["prompt"].update(profile.prompt)
         sources.update({f"prompt.{key}": f"{ablation_path}: {key}" for key in profile.prompt})
@@ -392,4 +417,4 @@ def load_settings(config_path: Path, ablation: str, overrides: list[str]) -> tup
         problems += validate_config(cfg, config_path, sources)
     if problems:
         raise UserError(problems)
-    return cfg, profile
+    return cfg, dataclasses.replace(profile, study_prompt=study_prompt)
