@@ -1,4 +1,4 @@
-"""Compare finished runs of Gemma/train_deepspeed.py: one table row per ablation, paired bootstrap intervals.
+"""Compare finished runs of Gemma/train_deepspeed.py: one table row per ablation, bootstrap intervals.
 
 Each RUN_DIR is an --output_dir of a finished run: it holds results.json, resolved_config.json and, when the run had a
 test file, predictions.jsonl. Paths that are no run directory (the comparison's own files, when a glob picks them up)
@@ -20,6 +20,9 @@ Usage (from the repository root):
     # configs differ in more than the ablation; the metrics then use the test ids common to all runs
     python Gemma/compare_ablations.py RUN_A RUN_B --allow_different_examples --allow_config_differences
 
+    # a study trained with several seeds (Gemma/run_study.py --seeds 1 2 3): each ablation's mean over seeds
+    python Gemma/compare_ablations.py Gemma/outputs/study_seeds/*
+
 Output: a Markdown table on stdout; a CSV (default <common parent of the runs>/comparison.csv) with separate value,
 diff, lo and hi columns; a PNG (default <common parent>/comparison.png) with the validation-loss curves on the left and
 the main metric (exact match, or MAE for numeric targets) per run on the right. Both files are written atomically.
@@ -37,6 +40,16 @@ Differences are run minus reference. Intervals are paired percentile bootstraps:
 replacement, the same draw for both runs, and recomputes the metric on each. A run without predictions.jsonl (no
 test file) is allowed when its results.json has no "test" section: it is compared on eval loss only and its test
 metric cells stay empty.
+
+Several seeds: when some ablation has runs of more than one training.seed (read from resolved_config.json), the runs
+are grouped by ablation and seed, and the seed may differ between runs. Every ablation needs the same seeds with one
+run each (else the runs at fault are named and nothing is written). The output is then two tables: one row per
+ablation (its number of seeds; each value the mean over seeds; the difference the mean over seeds of the run minus the
+reference ablation's run of the same seed, which trained on the same batches), with intervals from a two-level
+bootstrap that resamples seeds and test examples together (finetune/bootstrap.seed_example_bootstrap says why); then
+one row per run with its seed and its paired interval against the reference run of its seed. The CSV holds both kinds
+of rows (SEED_CSV_COLUMNS: seed empty on an ablation's row, seeds empty on a run's); the PNG shows every seed's value
+beside each ablation's mean and interval. When each ablation has a single seed, the comparison is run by run as above.
 """
 
 from __future__ import annotations
@@ -49,8 +62,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from finetune.comparison import (DEFAULT_REFERENCE_ABLATION, Row, Run, check_comparable, check_output_path,
-                                 choose_reference, common_ids, common_parent, comparison_table, load_runs, run_paths)
+                                 choose_reference, choose_reference_ablation, common_ids, common_parent,
+                                 comparison_table, load_runs, run_paths, seed_comparison, seed_groups)
 from finetune.errors import EXIT_INTERRUPTED, UserError
 from finetune.metrics import METRICS, main_metric
 from finetune.outputs import write_atomic
@@ -65,6 +81,8 @@ NUMERIC_ONLY = {m.name for m in METRICS if m.numeric_only}
 CSV_COLUMNS = ["run", "ablation", "reference", "test_examples",
                *(f"{m}{part}" for m in COLUMNS for part in ("", "_diff", "_lo", "_hi")),
                "unparsable", "numeric_pairs", "confidence"]
+# A study of several seeds: a row per ablation (seed empty, seeds = how many it averages), then a row per run
+SEED_CSV_COLUMNS = ["run", "ablation", "seed", "seeds", *CSV_COLUMNS[2:]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -83,45 +101,83 @@ def _difference(row: Row, metric: str) -> str:
     return _number(e.diff, True) + ("" if e.lo is None else f" [{_number(e.lo, True)}, {_number(e.hi, True)}]")
 
 
+def _lead(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """The columns before the metrics: run and ablation; with seed for the runs of a study of several seeds; ablation
+    and the number of seeds for its ablations' means."""
+    if any(r.seeds is not None for r in rows):
+        return ["ablation", "seeds"], [[r.ablation + (" (reference)" if r.reference else ""), str(len(r.seeds or ()))]
+                                       for r in rows]
+    cells = [[r.run + (" (reference)" if r.reference else ""), r.ablation] for r in rows]
+    if any(r.seed is not None for r in rows):
+        return ["run", "ablation", "seed"], [c + [str(r.seed)] for c, r in zip(cells, rows, strict=True)]
+    return ["run", "ablation"], cells
+
+
+def _count(x: float | None) -> str:
+    """A count, or a mean of counts over seeds (1.5)."""
+    return "" if x is None else str(int(x)) if float(x).is_integer() else f"{x:.2f}"
+
+
 def markdown_table(rows: Sequence[Row], confidence: float) -> str:
     """The rows as a Markdown table; MAE, RMSE and unparsable columns only when some run is numeric."""
     numeric = any(r.unparsable is not None for r in rows)
     metrics = [m for m in COLUMNS if numeric or m not in NUMERIC_ONLY]
     level = f"{confidence * 100:g}%"
-    header = ["run", "ablation", "test examples"]
+    lead, lead_cells = _lead(rows)
+    header = [*lead, "test examples"]
     for m in metrics:
         header += [LABELS[m], f"{LABELS[m]} vs ref" + ("" if m == "eval_loss" else f" [{level} CI]")]
     header += ["unparsable"] if numeric else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        cells = [r.run + (" (reference)" if r.reference else ""), r.ablation,
-                 "" if r.examples is None else str(r.examples)]
+    for r, cells in zip(rows, lead_cells, strict=True):
+        cells = [*cells, "" if r.examples is None else str(r.examples)]
         for m in metrics:
             cells += [_number(r.estimate(m).value), _difference(r, m)]
-        cells += ["" if r.unparsable is None else str(r.unparsable)] if numeric else []
+        cells += [_count(r.unparsable)] if numeric else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def seed_markdown(ablation_rows: Sequence[Row], run_rows: Sequence[Row], confidence: float) -> str:
+    """A study of several seeds: the ablations' means over seeds, then every run, each table under a line saying
+    what its numbers and intervals are."""
+    seeds = ", ".join(map(str, ablation_rows[0].seeds or ()))
+    return "\n".join([
+        f"Mean over seeds {seeds}. Differences: mean over seeds of (ablation - reference ablation of the same seed); "
+        "intervals resample seeds and test examples together (two-level bootstrap).", "",
+        markdown_table(ablation_rows, confidence), "",
+        "Per seed: each run against the reference ablation's run of the same seed; intervals resample test examples "
+        "(paired bootstrap).", "",
+        markdown_table(run_rows, confidence)])
+
+
 def write_csv(rows: Sequence[Row], path: Path, confidence: float) -> None:
-    """One line per run with CSV_COLUMNS (value, diff, lo, hi per metric; empty where it does not apply)."""
+    """One line per row with CSV_COLUMNS (value, diff, lo, hi per metric; empty where it does not apply); with
+    SEED_CSV_COLUMNS when the rows are a study of several seeds (ablation means, then runs)."""
+    seeded = any(r.seed is not None or r.seeds is not None for r in rows)
+
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(CSV_COLUMNS)
+            writer.writerow(SEED_CSV_COLUMNS if seeded else CSV_COLUMNS)
             for r in rows:
                 metrics = [getattr(r.estimate(m), part) for m in COLUMNS for part in ("value", "diff", "lo", "hi")]
+                seed = [r.seed, None if r.seeds is None else len(r.seeds)] if seeded else []
                 writer.writerow(["" if v is None else v for v in
-                                 [r.run, r.ablation, r.reference, r.examples, *metrics, r.unparsable,
-                                  r.numeric_pairs, confidence]])
+                                 ["" if r.seeds is not None else r.run, r.ablation, *seed, r.reference, r.examples,
+                                  *metrics, r.unparsable, r.numeric_pairs, confidence]])
 
     write_atomic(path, write)
 
 
-def plot(runs: Sequence[Run], rows: Sequence[Row], path: Path, confidence: float) -> None:
+def plot(runs: Sequence[Run], rows: Sequence[Row], path: Path, confidence: float,
+         run_rows: Sequence[Row] = ()) -> None:
     """PNG: validation loss vs step for every run (left); the main metric per run (right), exact match or, when the
     targets are numeric, MAE. A run's error bar is the paired interval of its difference from the reference, drawn
-    around its value: when the bar misses the reference's dashed line, the difference is significant."""
+    around its value: when the bar misses the reference's dashed line, the difference is significant.
+    A study of several seeds (rows: the ablations' means, run_rows: every run): the right panel has one position per
+    ablation, its mean with the seed-and-example interval and, beside it, every seed's value as a small point; the
+    left panel colours the curves by ablation."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -130,9 +186,15 @@ def plot(runs: Sequence[Run], rows: Sequence[Row], path: Path, confidence: float
     left, right = fig.subplots(1, 2)
 
     curves = [r for r in runs if r.eval_curve]
+    colours = {a: f"C{i % 10}" for i, a in enumerate(dict.fromkeys(r.ablation for r in rows))}
     for run in curves:
         steps, losses = zip(*run.eval_curve, strict=True)
-        left.plot(steps, losses, marker="o", label=f"{run.name} ({run.ablation})")
+        if run_rows:  # many runs: one colour and one legend entry per ablation
+            first = run is next(r for r in curves if r.ablation == run.ablation)
+            left.plot(steps, losses, marker="o", markersize=3, color=colours.get(run.ablation, "grey"),
+                      label=run.ablation if first else None)
+        else:
+            left.plot(steps, losses, marker="o", label=f"{run.name} ({run.ablation})")
     left.set(title="Validation loss", xlabel="step", ylabel="eval loss")
     if curves:
         left.legend(fontsize="small")
@@ -149,10 +211,21 @@ def plot(runs: Sequence[Run], rows: Sequence[Row], path: Path, confidence: float
                        markersize=8)
         if row.reference:
             right.axhline(e.value, color="black", linestyle="--", linewidth=1, label=f"reference: {row.run}")
-    right.set_xticks(range(len(shown)), [f"{r.run}\n({r.ablation})" for r in shown], fontsize="small")
+        seeds = [r for r in run_rows if r.ablation == row.ablation and r.estimate(metric.name).value is not None]
+        if seeds:  # every seed's value, spread a little to the right of the mean so that equal values stay visible
+            offsets = 0.12 + 0.16 * np.arange(len(seeds)) / max(len(seeds) - 1, 1)
+            right.scatter(x + offsets, [r.estimate(metric.name).value for r in seeds], s=18, color=color, alpha=0.6,
+                          label="one seed" if x == 0 else None)
+    if run_rows:
+        right.set_xticks(range(len(shown)), [f"{r.ablation}\n({len(r.seeds or ())} seeds)" for r in shown],
+                         fontsize="small")
+        title = (f"{metric.label}: mean over seeds (large) and each seed (small)\nbars: {confidence * 100:g}% CI of "
+                 "the difference, seeds and examples resampled")
+    else:
+        right.set_xticks(range(len(shown)), [f"{r.run}\n({r.ablation})" for r in shown], fontsize="small")
+        title = f"{metric.label} per run; bars: {confidence * 100:g}% paired CI of the difference from the reference"
     right.set_xlim(-0.5, max(len(shown), 1) - 0.5)
-    right.set_title(f"{metric.label} per run; bars: {confidence * 100:g}% paired CI of the difference from the "
-                    "reference", fontsize="medium")
+    right.set_title(title, fontsize="medium")
     right.set_ylabel(metric.label + (" (lower is better)" if metric.lower_is_better else ""))
     if any(r.reference for r in shown):
         right.legend(fontsize="small")
@@ -217,23 +290,36 @@ def compare(args: argparse.Namespace) -> None:
     check_output_path(csv_path, ".csv", "--csv")
 
     runs = load_runs(run_dirs)
+    study = seed_groups(runs)  # None: one seed per ablation, one row per run
     problems = check_comparable(runs, allow_different_examples=args.allow_different_examples,
-                                allow_config_differences=args.allow_config_differences)
+                                allow_config_differences=args.allow_config_differences, across_seeds=study is not None)
     if problems:
         raise UserError(["these runs are not comparable; fix the runs, or pass the flag named on a line to compare "
                          "them anyway:", *(f"  - {p}" for p in problems)])
-    reference = choose_reference(runs, args.reference)
-    logger.info("Reference: %s (%s)", reference.name, reference.ablation)
+    if study is None:
+        reference = choose_reference(runs, args.reference)
+        logger.info("Reference: %s (%s)", reference.name, reference.ablation)
+    else:
+        reference_ablation = choose_reference_ablation(runs, args.reference)
+        logger.info("Reference: %s; %d ablations x %d seeds (%s)", reference_ablation, len(study.ablations),
+                    len(study.seeds), ", ".join(map(str, study.seeds)))
     ids = common_ids(runs)
     for r in runs:
         if r.predictions is not None and len(r.predictions.ids) > len(ids):
             logger.warning("%s: %d of its %d test ids are not in every run; the metrics use the %d common ids.",
                            r.name, len(r.predictions.ids) - len(ids), len(r.predictions.ids), len(ids))
 
-    rows = comparison_table(runs, reference, n_resamples=args.bootstrap, confidence=args.confidence, seed=args.seed)
-    print(markdown_table(rows, args.confidence), flush=True)
-    write_csv(rows, csv_path, args.confidence)
-    plot(runs, rows, figure, args.confidence)
+    bootstrap = {"n_resamples": args.bootstrap, "confidence": args.confidence, "seed": args.seed}
+    if study is None:
+        rows = comparison_table(runs, reference, **bootstrap)
+        print(markdown_table(rows, args.confidence), flush=True)
+        write_csv(rows, csv_path, args.confidence)
+        plot(runs, rows, figure, args.confidence)
+    else:
+        ablation_rows, run_rows = seed_comparison(study, reference_ablation, **bootstrap)
+        print(seed_markdown(ablation_rows, run_rows, args.confidence), flush=True)
+        write_csv([*ablation_rows, *run_rows], csv_path, args.confidence)
+        plot(runs, ablation_rows, figure, args.confidence, run_rows)
     logger.info("Wrote %s and %s", csv_path, figure)
 
 

@@ -1,8 +1,16 @@
-"""Run a whole ablation study: train every ablation profile with the same config and seed, then compare them.
+"""Run a whole ablation study: train every ablation profile with the same config and seed(s), then compare them.
 
-Each ablation goes into a sibling directory of --output_dir; a finished one (results.json) is kept and skipped, an
-interrupted one is resumed from its last checkpoint, so rerunning the same command continues a study. The comparison
-(Markdown table, CSV, PNG) is written into --output_dir by Gemma/compare_ablations.py.
+Each ablation goes into a sub-directory of --output_dir named for it; a finished one (results.json) is kept and
+skipped, an interrupted one is resumed from its last checkpoint, so rerunning the same command continues a study. The
+comparison (Markdown table, CSV, PNG) is written into --output_dir by Gemma/compare_ablations.py.
+
+--seeds S1 S2 ... trains every ablation once per seed, into <output_dir>/<ablation>-seed<S>, passing
+--set training.seed=S to the training script; without it each ablation trains once with the config's training.seed,
+into <output_dir>/<ablation>. Runs go seed by seed (every ablation of S1, then of S2, ...), so a study stopped part-way
+already holds complete seeds. Runs of one seed train on the same batches in every ablation: the training order
+depends only on the seed and the full-prompt lengths, never on which sections the prompt holds (see
+finetune/batching.LengthGroupedSampler; without length grouping accelerate's seedable sampler draws it from the seed).
+The comparison then gives each ablation's mean over seeds with intervals that resample seeds and test examples.
 
 Usage (from the repository root):
 
@@ -16,6 +24,10 @@ Usage (from the repository root):
     # a subset, with arguments for the launcher (e.g. several nodes)
     python Gemma/run_study.py --config config.json --output_dir Gemma/outputs/study \\
         --ablations profile_only query_only --launcher_args "--num_machines 2 --machine_rank 0 ..."
+
+    # every ablation with three training seeds (12 runs: profile_and_history-seed1, profile_only-seed1, ...)
+    python Gemma/run_study.py --config config.json --output_dir Gemma/outputs/study_seeds --num_processes 4 \\
+        --seeds 1 2 3
 """
 
 from __future__ import annotations
@@ -27,17 +39,29 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.comparison import SEED_KEY
 from finetune.outputs import RESULTS_NAME
+from finetune.settings import MAX_SEED
 
 HERE = Path(__file__).resolve().parent
 SHIPPED_ABLATIONS = ["profile_and_history", "profile_only", "history_only", "query_only"]
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:  # the range training.seed accepts
+        raise argparse.ArgumentTypeError(f"expected a whole number in [0, {MAX_SEED}], got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="run_study.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=Path("config.json"), help="config.json shared by every run.")
     p.add_argument("--output_dir", type=Path, required=True,
-                   help="study directory: one sub-directory per ablation, plus comparison.{md,csv,png}.")
+                   help="study directory: one sub-directory per ablation (and seed), plus comparison.{md,csv,png}.")
     p.add_argument("--ablations", nargs="+", default=SHIPPED_ABLATIONS,
                    help="ablation names or JSON paths (default: the four shipped profiles).")
     p.add_argument("--num_processes", type=int, default=1, help="processes per run (GPUs, or CPU processes).")
@@ -45,11 +69,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override applied to every run (repeatable), as in train_deepspeed.py.")
     p.add_argument("--reference", default="profile_and_history", help="the run the others are compared with.")
-    return p.parse_args(argv)
+    p.add_argument("--seeds", nargs="+", type=_seed, metavar="SEED",
+                   help="train every ablation once per seed, into <ablation>-seed<SEED> (default: once, with the "
+                        "config's training.seed, into <ablation>).")
+    args = p.parse_args(argv)
+    names = [Path(a).stem for a in args.ablations]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        p.error(f"--ablations: {', '.join(repeated)} given more than once (each names its run directory); list each "
+                "ablation once.")
+    if args.seeds:
+        repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+        if repeated:
+            p.error(f"--seeds: {', '.join(map(str, repeated))} given more than once; list each seed once.")
+        fixed = [o for o in args.overrides if o.partition("=")[0] == SEED_KEY]
+        if fixed:
+            p.error(f"--set {fixed[0]} and --seeds both set the seed; drop the --set (--seeds sets {SEED_KEY} "
+                    "for each run).")
+    return args
 
 
-def launch_command(args: argparse.Namespace, ablation: str, run_dir: Path, cuda: bool) -> list[str]:
-    """accelerate launch of the training script for one ablation; resumes an interrupted run."""
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, int | None, Path]]:
+    """(ablation, seed, run directory) of every run, in training order: seed by seed, so that a study stopped part-way
+    holds every ablation of its first seeds. seed None: no --seeds, the config's training.seed."""
+    def run_dir(ablation: str, seed: int | None) -> Path:
+        return args.output_dir / (Path(ablation).stem + ("" if seed is None else f"-seed{seed}"))
+
+    return [(a, s, run_dir(a, s)) for s in (args.seeds or [None]) for a in args.ablations]
+
+
+def launch_command(args: argparse.Namespace, ablation: str, run_dir: Path, cuda: bool,
+                   seed: int | None = None) -> list[str]:
+    """accelerate launch of the training script for one ablation (and seed); resumes an interrupted run."""
     launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes",
                 str(args.num_processes)]
     if not cuda:
@@ -60,6 +111,8 @@ def launch_command(args: argparse.Namespace, ablation: str, run_dir: Path, cuda:
         script += ["--resume_from_checkpoint", "auto"]
     for item in args.overrides:
         script += ["--set", item]
+    if seed is not None:
+        script += ["--set", f"{SEED_KEY}={seed}"]
     return launcher + shlex.split(args.launcher_args) + script
 
 
@@ -69,14 +122,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    run_dirs = []
-    for ablation in args.ablations:
-        run_dir = args.output_dir / Path(ablation).stem
-        run_dirs.append(run_dir)
+    runs = planned_runs(args)
+    run_dirs = [run_dir for _, _, run_dir in runs]
+    for ablation, seed, run_dir in runs:
         if (run_dir / RESULTS_NAME).is_file():
             print(f"[study] {run_dir.name}: finished earlier, kept.", flush=True)
             continue
-        cmd = launch_command(args, ablation, run_dir, cuda)
+        cmd = launch_command(args, ablation, run_dir, cuda, seed)
         print(f"[study] {run_dir.name}: {shlex.join(cmd)}", flush=True)
         started = time.time()
         if subprocess.run(cmd).returncode != 0:

@@ -19,15 +19,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "Gemma"))
 
 import compare_ablations as ca  # noqa: E402
-from finetune.bootstrap import paired_bootstrap  # noqa: E402
+from finetune.bootstrap import paired_bootstrap, seed_example_bootstrap  # noqa: E402
 from finetune.comparison import (  # noqa: E402
     Estimate,
     check_comparable,
     choose_reference,
+    choose_reference_ablation,
     comparison_table,
     config_differences,
     load_run,
     load_runs,
+    seed_comparison,
+    seed_groups,
 )
 from finetune.errors import UserError  # noqa: E402
 from finetune.metrics import MEAN, ROOT_MEAN_SQUARE  # noqa: E402
@@ -233,6 +236,83 @@ def test_bootstrap_is_fast_enough_for_a_few_thousand_examples():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Seed-and-example bootstrap
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def two_ablations(seed_offsets: list[float], n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds, n) per-example values of an ablation and the reference: the ablation is 0.1 above the reference on
+    average, each of its seeds shifted by its offset (training noise); the reference's seeds agree."""
+    rng = np.random.default_rng(11)
+    reference = rng.uniform(0, 2, size=n)
+    ablation = reference + 0.1 + rng.normal(0, 0.5, size=n)
+    return (np.stack([ablation + o for o in seed_offsets]),
+            np.stack([reference for _ in seed_offsets]))
+
+
+def width(d) -> float:
+    return d.hi - d.lo
+
+
+def test_seeds_that_disagree_widen_the_interval_beyond_the_example_bootstrap():
+    a, b = two_ablations([-0.3, 0.3, -0.1, 0.1])
+    both = seed_example_bootstrap(a, b, n_resamples=2000, seed=0)
+    # the example-only bootstrap of the same data: the paired one on the seeds' mean per example (for a mean,
+    # the mean over seeds of the differences is the difference of the seed-averaged values)
+    examples_only = paired_bootstrap(a.mean(axis=0), b.mean(axis=0), n_resamples=2000, seed=0)
+    assert both.diff == pytest.approx(examples_only.diff) == pytest.approx(np.mean(a - b))
+    assert both.lo <= both.diff <= both.hi
+    assert width(both) > 2 * width(examples_only)
+    # about +-1.96 standard errors, with the seed term's variance as the bootstrap sees it ((S-1)/S of the sample's)
+    seed_means = (a - b).mean(axis=1)
+    se = np.sqrt(np.var(seed_means) / 4 + np.var((a - b).mean(axis=0)) / a.shape[1])
+    assert width(both) / 2 == pytest.approx(1.96 * se, rel=0.2)
+
+
+def test_identical_seeds_give_the_example_bootstrap_interval():
+    a, b = two_ablations([0.0, 0.0, 0.0])
+    both = seed_example_bootstrap(a, b, n_resamples=4000, seed=1)
+    examples_only = paired_bootstrap(a[0], b[0], n_resamples=4000, seed=1)
+    assert both.diff == pytest.approx(examples_only.diff)
+    assert width(both) == pytest.approx(width(examples_only), rel=0.1)
+    assert both.lo == pytest.approx(examples_only.lo, abs=0.02) and both.hi == pytest.approx(examples_only.hi, abs=0.02)
+
+
+def test_seed_example_bootstrap_is_deterministic_per_seed():
+    a, b = two_ablations([-0.2, 0.2])
+    tokens = np.random.default_rng(3).integers(1, 4, size=a.shape).astype(float)
+    first = seed_example_bootstrap(a, b, ROOT_MEAN_SQUARE, weights=tokens, n_resamples=500, seed=7)
+    assert seed_example_bootstrap(a, b, ROOT_MEAN_SQUARE, weights=tokens, n_resamples=500, seed=7) == first
+    other = seed_example_bootstrap(a, b, ROOT_MEAN_SQUARE, weights=tokens, n_resamples=500, seed=8)
+    assert other.diff == first.diff and (other.lo, other.hi) != (first.lo, first.hi)
+    expected = np.mean([ROOT_MEAN_SQUARE(a[s], tokens[s]) - ROOT_MEAN_SQUARE(b[s], tokens[s]) for s in range(2)])
+    assert first.diff == pytest.approx(expected)
+
+
+def test_seed_example_bootstrap_pairs_only_examples_with_a_value_in_both_runs_of_a_seed():
+    a, b = two_ablations([0.0, 0.5], n=50)
+    a[0, :10] = np.nan  # seed 0: ten unparsable answers in the ablation's run
+    b[1, 40:] = np.nan  # seed 1: ten in the reference's run
+    d = seed_example_bootstrap(a, b, n_resamples=300, seed=0)
+    expected = (np.mean(a[0, 10:] - b[0, 10:]) + np.mean(a[1, :40] - b[1, :40])) / 2
+    assert d.diff == pytest.approx(expected) and d.lo <= d.diff <= d.hi
+    with pytest.raises(ValueError, match="every seed needs"):
+        seed_example_bootstrap(np.full((2, 3), np.nan), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"\(seeds, examples\)"):
+        seed_example_bootstrap(np.zeros(3), np.zeros(3))
+
+
+def test_seed_example_bootstrap_is_fast_enough():
+    rng = np.random.default_rng(5)
+    a, b, w = rng.uniform(size=(5, 5000)), rng.uniform(size=(5, 5000)), rng.integers(1, 9, size=(5, 5000))
+    seed_example_bootstrap(a[:, :50], b[:, :50], n_resamples=10)  # warm-up
+    start = time.perf_counter()
+    seed_example_bootstrap(a, b, weights=w.astype(float), n_resamples=2000, seed=0)
+    # typically ~0.3 s on 2 CPU cores for 5 seeds x 5000 examples; the bound leaves room for a loaded machine
+    assert time.perf_counter() - start < 4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Loading runs and the comparison table
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -409,6 +489,147 @@ def test_duplicate_directory_names_are_told_apart(tmp_path):
     assert [r.name for r in load_runs([a, b])] == ["week1/run", "week2/run"]
     with pytest.raises(UserError, match="given twice"):
         load_runs([a, tmp_path / "week1" / ".." / "week1" / "run"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A study of several seeds
+# ----------------------------------------------------------------------------------------------------------------------
+
+# examples right per (ablation, seed) in 40: the full prompt's seeds agree, profile_only's disagree
+SEED_STUDY = {("profile_and_history", 1): 30, ("profile_and_history", 2): 30,
+              ("profile_only", 1): 28, ("profile_only", 2): 16}
+
+
+def seed_run(root: Path, ablation: str, seed: int, right: int, **kwargs) -> Path:
+    return make_run(root, f"{ablation}-seed{seed}", ablation, genre_predictions(40, set(range(right)), seed=seed),
+                    config_changes={"training.seed": seed,
+                                    "cli.overrides": ["training.max_steps=40", f"training.seed={seed}"]}, **kwargs)
+
+
+@pytest.fixture
+def seed_runs(tmp_path) -> list[Path]:
+    """2 ablations x 2 seeds, in run_study.py's order (seed by seed)."""
+    return [seed_run(tmp_path, a, s, right, eval_losses=(1.9, 1.4 + 0.1 * s)) for (a, s), right in
+            sorted(SEED_STUDY.items(), key=lambda item: item[0][1])]
+
+
+def test_runs_are_grouped_by_ablation_and_seed_and_may_differ_in_the_seed(seed_runs):
+    runs = load_runs(seed_runs)
+    study = seed_groups(runs)
+    assert study.ablations == ("profile_and_history", "profile_only") and study.seeds == (1, 2)
+    assert [r.name for r in study.of_seed(2)] == ["profile_and_history-seed2", "profile_only-seed2"]
+    assert check_comparable(runs, across_seeds=True) == []
+    # without grouping the seed is a config difference, as for runs that should share one
+    assert [p.split(" differs")[0] for p in check_comparable(runs)] == ["cli.overrides", "training.seed"]
+    assert choose_reference_ablation(runs, None) == "profile_and_history"
+    assert choose_reference_ablation(runs, "profile_only-seed1") == "profile_only"
+    assert choose_reference_ablation(runs, str(seed_runs[1])) == "profile_only"
+
+
+def test_a_study_of_one_seed_is_compared_run_by_run_as_before(genre_runs, tmp_path):
+    assert seed_groups(load_runs(genre_runs)) is None  # every run has seed 42
+    one_each = [seed_run(tmp_path, "profile_and_history", 1, 30), seed_run(tmp_path, "profile_only", 2, 20)]
+    runs = load_runs(one_each)
+    assert seed_groups(runs) is None  # one seed per ablation: not a seed study, so the seeds must match
+    assert "training.seed differs: profile_and_history-seed1=1, profile_only-seed2=2  (override: " \
+           "--allow_config_differences)" in check_comparable(runs)
+
+
+def test_ablation_rows_hold_the_mean_over_seeds_and_run_rows_each_seed(seed_runs):
+    runs = load_runs(seed_runs)
+    ablation_rows, run_rows = seed_comparison(seed_groups(runs), "profile_and_history", n_resamples=1000)
+    full, profile = ablation_rows
+    assert full.reference and full.seeds == (1, 2) and full.exact_match == Estimate(0.75)
+    assert profile.exact_match.value == pytest.approx((28 + 16) / 80)
+    assert profile.exact_match.diff == pytest.approx(((28 - 30) + (16 - 30)) / 80)
+    assert profile.exact_match.lo <= profile.exact_match.diff <= profile.exact_match.hi
+    test_losses = {(r.ablation, r.seed): r.test_loss.value for r in run_rows}
+    assert profile.test_loss.value == pytest.approx((test_losses["profile_only", 1] + test_losses["profile_only", 2])
+                                                    / 2)
+    assert profile.eval_loss == Estimate(pytest.approx(1.55), pytest.approx(0.0))  # 1.5, 1.6 vs 1.5, 1.6
+    assert profile.examples == 40 and profile.unparsable is None
+    # the runs: seed by seed, each against the reference ablation's run of its seed, with paired intervals
+    assert [(r.run, r.seed, r.reference) for r in run_rows] == [
+        ("profile_and_history-seed1", 1, True), ("profile_only-seed1", 1, False),
+        ("profile_and_history-seed2", 2, True), ("profile_only-seed2", 2, False)]
+    assert [r.exact_match.value for r in run_rows] == [0.75, 0.7, 0.75, 0.4]
+    assert run_rows[3].exact_match.diff == pytest.approx(-0.35) and run_rows[3].exact_match.hi < 0
+    # the seeds disagree (-0.05 and -0.35): the seed-and-example interval is wider than either seed's paired one
+    assert width(profile.exact_match) > max(width(run_rows[1].exact_match), width(run_rows[3].exact_match))
+
+
+def test_numeric_study_of_two_seeds_pairs_the_parsed_answers_per_seed(tmp_path):
+    targets = [4, 3, 5, 2, 1, 4]
+    answers = {("profile_and_history", 1): ["4", "3", "4", "3", "1", "five"],
+               ("profile_and_history", 2): ["4", "3", "5", "2", "2", "4"],
+               ("query_only", 1): ["3", "I'd say 3", "3", "3", "3", "3"],
+               ("query_only", 2): ["3", "3", "3", "3", "x", "y"]}
+    runs = load_runs([make_run(tmp_path, f"{a}-seed{s}", a, rating_predictions(targets, text), numeric=True,
+                               config_changes={"training.seed": s}) for (a, s), text in answers.items()])
+    full, query = seed_comparison(seed_groups(runs), "profile_and_history", n_resamples=300)[0]
+    # seed 1 pairs examples 0, 2, 3, 4 (parsed in both runs); seed 2 pairs examples 0-3
+    seed1 = (1 + 2 + 1 + 2) / 4 - (0 + 1 + 1 + 0) / 4
+    seed2 = (1 + 0 + 2 + 1) / 4 - (0 + 0 + 0 + 0) / 4
+    assert query.mae.diff == pytest.approx((seed1 + seed2) / 2)
+    assert query.mae.lo <= query.mae.diff <= query.mae.hi
+    assert query.mae.value == pytest.approx(((1 + 2 + 1 + 2 + 1) / 5 + (1 + 0 + 2 + 1) / 4) / 2)
+    assert (full.unparsable, query.unparsable, query.numeric_pairs) == (0.5, 1.5, None)
+    assert ca.markdown_table([full, query], 0.95).splitlines()[3].endswith("| 1.50 |")
+
+
+def test_a_duplicated_ablation_and_seed_is_refused_naming_both_runs(seed_runs, tmp_path):
+    again = seed_run(tmp_path / "again", "profile_only", 2, 20)
+    with pytest.raises(UserError) as refused:
+        seed_groups(load_runs([*seed_runs, again]))
+    assert refused.value.problems == [
+        "these runs of a study of several seeds (1, 2) cannot be grouped by ablation and seed:",
+        f"  - {seed_runs[3]} and {again}: both are ablation profile_only with seed 2; give one run per ablation and "
+        "seed."]
+
+
+def test_ablations_with_different_seed_sets_are_refused_listing_what_is_missing(seed_runs, tmp_path):
+    third = seed_run(tmp_path, "profile_only", 3, 20)
+    with pytest.raises(UserError) as refused:
+        seed_groups(load_runs([*seed_runs, third]))
+    assert refused.value.problems[1].startswith("  - profile_and_history: no run with seed 3, which other ablations "
+                                                "have; every ablation needs every seed")
+    assert len(refused.value.problems) == 2
+    with pytest.raises(UserError, match="profile_only: no run with seed 2"):
+        seed_groups(load_runs(seed_runs[:3]))
+
+
+def test_cli_on_a_study_of_two_seeds(seed_runs):
+    parent = seed_runs[0].parent
+    result = run_cli(*map(str, seed_runs), "--bootstrap", "300")
+    assert result.returncode == 0, result.stderr
+    assert "Reference: profile_and_history; 2 ablations x 2 seeds (1, 2)" in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Mean over seeds 1, 2.")
+    assert lines[2].startswith("| ablation | seeds | test examples | eval loss |")
+    assert lines[4].startswith("| profile_and_history (reference) | 2 | 40 | 1.550 |")
+    assert lines[5].startswith("| profile_only | 2 | 40 | 1.550 | +0.000 |") and "| 0.550 | -0.200 [" in lines[5]
+    assert lines[7].startswith("Per seed:") and lines[9].startswith("| run | ablation | seed | test examples |")
+    assert lines[14].startswith("| profile_only-seed2 | profile_only | 2 | 40 |") and len(lines) == 15
+    with (parent / "comparison.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ca.SEED_CSV_COLUMNS
+    assert [(r["run"], r["ablation"], r["seed"], r["seeds"]) for r in table] == [
+        ("", "profile_and_history", "", "2"), ("", "profile_only", "", "2"),
+        ("profile_and_history-seed1", "profile_and_history", "1", ""), ("profile_only-seed1", "profile_only", "1", ""),
+        ("profile_and_history-seed2", "profile_and_history", "2", ""), ("profile_only-seed2", "profile_only", "2", "")]
+    assert float(table[1]["exact_match"]) == pytest.approx(0.55) and float(table[5]["exact_match"]) == 0.4
+    assert (parent / "comparison.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_figure_of_a_seed_study_shows_every_seed(seed_runs, tmp_path):
+    import matplotlib.image
+
+    runs = load_runs(seed_runs)
+    ablation_rows, run_rows = seed_comparison(seed_groups(runs), "profile_and_history", n_resamples=200)
+    path = tmp_path / "seeds.png"
+    ca.plot(runs, ablation_rows, path, 0.95, run_rows)
+    image = matplotlib.image.imread(path)
+    assert image.shape[1] >= 800 and image[..., :3].std() > 0.05
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Paired percentile bootstrap intervals for the difference of a metric between two runs on the same examples."""
+"""Percentile bootstrap intervals for the difference of a metric between two ablations on the same test examples:
+paired_bootstrap for one run each (resamples test examples), seed_example_bootstrap for several training seeds each
+(resamples seeds and test examples together)."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -68,4 +71,79 @@ def paired_bootstrap(
                                             - metric.finish(sums_b[:, 0] / sums_b[:, 1]))
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(diffs, [tail, 1 - tail])
+    return Difference(diff, float(lo), float(hi))
+
+
+def seed_example_bootstrap(
+    a: np.ndarray,
+    b: np.ndarray,
+    metric: Aggregate = MEAN,
+    *,
+    weights: np.ndarray | tuple[np.ndarray | None, np.ndarray | None] | None = None,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Difference:
+    """mean over training seeds s of metric(a[s]) - metric(b[s]), with a two-level percentile bootstrap interval.
+
+    a, b: (seeds, examples) per-example values of two ablations, aligned on both axes: row s of a and row s of b are
+    the runs trained with seed s (the same batches, so the two are paired), column i is the same test example in every
+    run. NaN marks an example without a value in that run (MAE of an unparsable answer); seed s's difference then uses
+    the examples that have a value in both a[s] and b[s]. weights: per-example weights as in paired_bootstrap, (seeds,
+    examples) arrays.
+
+    Why two levels: the mean difference varies with the test examples drawn AND with the training seeds; its variance
+    has an example component and a seed component, and fine-tuning runs that differ only in seed often differ by more
+    than the gaps being measured. paired_bootstrap resamples only examples, so it misses the seed component (Bouthillier
+    et al. 2021, "Accounting for Variance in Machine Learning Benchmarks", MLSys: both sources must be sampled). Each
+    resample here draws the seeds with replacement (a drawn seed brings its pair of runs) and, independently, the test
+    examples with replacement (one draw shared by every run, as the examples are one sample of the task), and computes
+    the mean over the drawn seeds of the paired difference on the drawn examples. With identical seeds the seed draw
+    changes nothing and the interval is paired_bootstrap's (up to Monte Carlo noise). With few seeds the seed component
+    is itself poorly known (and the bootstrap estimates it at (seeds - 1) / seeds of its size), so the interval is
+    then still on the narrow side: more seeds give a truer one. A resample in which some drawn seed has no example with
+    a value in both runs is left out of the quantiles.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"a and b must be non-empty (seeds, examples) arrays of one shape, got {a.shape} and "
+                         f"{b.shape}")
+    if not 0 < confidence < 1 or n_resamples < 1:
+        raise ValueError(f"need 0 < confidence < 1 and n_resamples >= 1, got {confidence} and {n_resamples}")
+    wa, wb = (weights, weights) if weights is None or isinstance(weights, np.ndarray) else weights
+    wa = np.ones_like(a) if wa is None else np.broadcast_to(np.asarray(wa, dtype=np.float64), a.shape)
+    wb = np.ones_like(b) if wb is None else np.broadcast_to(np.asarray(wb, dtype=np.float64), b.shape)
+    # An example without a value in both runs of a seed weighs nothing in that seed's difference.
+    both = ~np.isnan(a) & ~np.isnan(b)
+    if not both.any(axis=1).all():
+        raise ValueError("every seed needs at least one example with a value in both runs")
+    wa, wb = np.where(both, wa, 0.0), np.where(both, wb, 0.0)
+    va = np.where(both, metric.per_example(np.nan_to_num(a)), 0.0)
+    vb = np.where(both, metric.per_example(np.nan_to_num(b)), 0.0)
+    n_seeds, n = a.shape
+
+    def seed_differences(sums: np.ndarray) -> np.ndarray:
+        """(..., 4 * seeds) weighted sums [a values, a weights, b values, b weights] -> (..., seeds) differences."""
+        sa, swa, sb, swb = np.split(sums, 4, axis=-1)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a seed whose drawn examples all lack a value: NaN
+            return metric.finish(sa / swa) - metric.finish(sb / swb)
+
+    # Columns per run (seed): weighted value and weight; example counts @ columns gives every seed's weighted sums.
+    columns = np.concatenate([(wa * va).T, wa.T, (wb * vb).T, wb.T], axis=1)  # (examples, 4 * seeds)
+    diff = float(np.mean(seed_differences(columns.sum(axis=0))))
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_resamples)
+    block = max(1, BOOTSTRAP_BLOCK // n)
+    for start in range(0, n_resamples, block):
+        size = min(block, n_resamples - start)
+        seed_counts = resample_counts(n_seeds, size, rng)  # (size, seeds): how often each seed is drawn
+        per_seed = seed_differences(resample_counts(n, size, rng) @ columns)  # (size, seeds)
+        drawn = seed_counts > 0  # a seed not drawn must not bring its NaN into the mean
+        stats[start:start + size] = np.sum(np.where(drawn, per_seed, 0.0) * seed_counts, axis=1) / n_seeds
+        stats[start:start + size][np.any(drawn & np.isnan(per_seed), axis=1)] = np.nan
+    stats = stats[~np.isnan(stats)]
+    if stats.size == 0:
+        return Difference(diff, math.nan, math.nan)
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(stats, [tail, 1 - tail])
     return Difference(diff, float(lo), float(hi))

@@ -1,5 +1,7 @@
 """Finished runs -> rows of a comparison: load and check run directories, refuse runs that are not comparable, and
-compute every metric of the registry (metrics.METRICS) with its paired difference from the reference run."""
+compute every metric of the registry (metrics.METRICS) with its paired difference from the reference run; for a study
+trained with several seeds (some ablation has runs of more than one training.seed), group the runs by (ablation,
+seed) and compare the ablations' means over seeds (seed_groups, seed_comparison)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .bootstrap import paired_bootstrap
+from .bootstrap import paired_bootstrap, seed_example_bootstrap
 from .errors import UserError
 from .metrics import MAE, METRICS, Metric
 from .outputs import IDENTITY_NAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME
@@ -26,6 +28,9 @@ IGNORED_CONFIG_KEYS = frozenset({
 })
 # --set overrides of these sections refine the ablation, so cli.overrides is compared without them
 ABLATION_OVERRIDE_PREFIXES = ("prompt.",)
+# The training seed: a run's seed in a study of several seeds (run_study.py --seeds sets it with --set), so it may
+# differ between runs when the runs are grouped by seed
+SEED_KEY = "training.seed"
 # The per-example columns of predictions.jsonl the metrics read: a column may be null only when every metric reading
 # it is for numeric tasks (an answer that did not parse as a number has no error).
 COLUMNS = {column: all(m.numeric_only for m in METRICS if column in (m.column, m.weight))
@@ -261,26 +266,29 @@ def example_differences(runs: Sequence[Run]) -> list[str]:
     return problems
 
 
-def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: dict[str, Any], prefix: str = "", *, across_seeds: bool = False) -> dict[str, Any]:
     """{"training": {"learning_rate": 1e-4}} -> {"training.learning_rate": 1e-4}, without IGNORED_CONFIG_KEYS.
-    cli.overrides keeps only the --set entries outside the ablation's sections."""
+    cli.overrides keeps only the --set entries outside the ablation's sections. across_seeds: without SEED_KEY and
+    its --set entries too."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         path = f"{prefix}{key}"
-        if path in IGNORED_CONFIG_KEYS:
+        if path in IGNORED_CONFIG_KEYS or (across_seeds and path == SEED_KEY):
             continue
         if isinstance(value, dict) and value:
-            flat.update(flatten_config(value, f"{path}."))
+            flat.update(flatten_config(value, f"{path}.", across_seeds=across_seeds))
         elif path == "cli.overrides" and isinstance(value, list):
-            flat[path] = [o for o in value if not str(o).startswith(ABLATION_OVERRIDE_PREFIXES)]
+            flat[path] = [o for o in value if not str(o).startswith(ABLATION_OVERRIDE_PREFIXES)
+                          and not (across_seeds and str(o).partition("=")[0] == SEED_KEY)]
         else:
             flat[path] = value
     return flat
 
 
-def config_differences(runs: Sequence[Run]) -> list[str]:
-    """Every resolved_config.json key path whose value is not the same in all runs, with each run's value."""
-    flat = [flatten_config(r.config) for r in runs]
+def config_differences(runs: Sequence[Run], *, across_seeds: bool = False) -> list[str]:
+    """Every resolved_config.json key path whose value is not the same in all runs, with each run's value.
+    across_seeds: the training seed may differ (the runs are grouped by seed)."""
+    flat = [flatten_config(r.config, across_seeds=across_seeds) for r in runs]
     problems = []
     for key in sorted({k for f in flat for k in f}):
         if (shown := _differs(runs, [f.get(key, _ABSENT) for f in flat])) is not None:
@@ -289,13 +297,15 @@ def config_differences(runs: Sequence[Run]) -> list[str]:
 
 
 def check_comparable(runs: Sequence[Run], *, allow_different_examples: bool = False,
-                     allow_config_differences: bool = False) -> list[str]:
-    """The reasons the runs cannot be compared, each naming the flag that overrides it; [] when they can be."""
+                     allow_config_differences: bool = False, across_seeds: bool = False) -> list[str]:
+    """The reasons the runs cannot be compared, each naming the flag that overrides it; [] when they can be.
+    across_seeds: a study of several seeds, whose runs may differ in the training seed too."""
     problems = []
     if not allow_different_examples:
         problems += [f"{p}  (override: --allow_different_examples)" for p in example_differences(runs)]
     if not allow_config_differences:
-        problems += [f"{p}  (override: --allow_config_differences)" for p in config_differences(runs)]
+        problems += [f"{p}  (override: --allow_config_differences)"
+                     for p in config_differences(runs, across_seeds=across_seeds)]
     return problems
 
 
@@ -319,6 +329,75 @@ def choose_reference(runs: Sequence[Run], wanted: str | None) -> Run:
                     "an ablation name.")
 
 
+def choose_reference_ablation(runs: Sequence[Run], wanted: str | None) -> str:
+    """For a study of several seeds: the reference ablation, from --reference as an ablation name, or as a run
+    directory or run name (its ablation); by default profile_and_history, else the first run's ablation."""
+    if wanted is not None and wanted in {r.ablation for r in runs}:
+        return wanted
+    return choose_reference(runs, wanted).ablation
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Seeds: the runs of a study trained with several seeds, grouped by ablation and seed
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeedStudy:
+    """runs[ablation][seed]: one run per ablation and seed, every ablation with the same seeds."""
+
+    ablations: tuple[str, ...]  # in the order their first runs were given
+    seeds: tuple[int, ...]  # ascending
+    runs: dict[str, dict[int, Run]]
+
+    def of_seed(self, seed: int) -> list[Run]:
+        """The runs trained with one seed, one per ablation, in ablation order."""
+        return [self.runs[a][seed] for a in self.ablations]
+
+
+def run_seed(run: Run) -> int | None:
+    """training.seed from the run's resolved_config.json (None when it has no integer there)."""
+    training = run.config.get("training")
+    value = training.get("seed") if isinstance(training, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def seed_groups(runs: Sequence[Run]) -> SeedStudy | None:
+    """None when each ablation's runs share one training seed: the comparison is then one row per run, as before
+    seeds existed (a study of one seed). Otherwise (some ablation has runs of several seeds) the runs grouped by
+    ablation and seed, refused with every problem listed when a run records no seed, two runs have the same ablation
+    and seed, or the ablations do not all have the same seeds: seed s of an ablation is paired with seed s of the
+    reference (they trained on the same batches), so every ablation needs every seed."""
+    seeds_of: dict[str, set[int | None]] = {}
+    for r in runs:
+        seeds_of.setdefault(r.ablation, set()).add(run_seed(r))
+    if all(len(seeds) == 1 for seeds in seeds_of.values()):
+        return None
+    problems = [f"{r.path}: {RESOLVED_CONFIG_NAME} has no integer {SEED_KEY}; was it written by "
+                "Gemma/train_deepspeed.py?" for r in runs if run_seed(r) is None]
+    grouped: dict[str, dict[int, Run]] = {a: {} for a in seeds_of}
+    for r in runs:
+        seed = run_seed(r)
+        if seed is None:
+            continue
+        if seed in grouped[r.ablation]:
+            problems.append(f"{grouped[r.ablation][seed].path} and {r.path}: both are ablation {r.ablation} with "
+                            f"seed {seed}; give one run per ablation and seed.")
+        else:
+            grouped[r.ablation][seed] = r
+    every_seed = sorted({s for by_seed in grouped.values() for s in by_seed})
+    for ablation, by_seed in grouped.items():
+        missing = [str(s) for s in every_seed if s not in by_seed]
+        if missing:
+            problems.append(f"{ablation}: no run with seed {', '.join(missing)}, which other ablations have; every "
+                            "ablation needs every seed (finish the study by rerunning Gemma/run_study.py, or leave "
+                            "out the runs of the seeds some ablation lacks).")
+    if problems:
+        raise UserError([f"these runs of a study of several seeds ({', '.join(map(str, every_seed))}) cannot be "
+                         "grouped by ablation and seed:", *(f"  - {p}" for p in problems)])
+    return SeedStudy(tuple(grouped), tuple(every_seed), grouped)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The comparison table
 # ----------------------------------------------------------------------------------------------------------------------
@@ -336,7 +415,8 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Row:
-    """One run's line of the comparison. Each metric of the registry reads as an attribute: row.exact_match."""
+    """One line of the comparison: one run's, or (seeds set) one ablation's mean over the runs of its seeds. Each
+    metric of the registry reads as an attribute: row.exact_match."""
 
     run: str
     ablation: str
@@ -344,8 +424,10 @@ class Row:
     examples: int | None  # test examples the metrics use
     eval_loss: Estimate  # no interval: the Trainer reports only the mean
     metrics: dict[str, Estimate] = field(default_factory=dict)  # by Metric.name, every metric of METRICS
-    unparsable: int | None = None  # numeric tasks: predictions that did not parse as a number
+    unparsable: float | None = None  # numeric tasks: predictions that did not parse as a number (mean over seeds)
     numeric_pairs: int | None = None  # numeric tasks: examples parsed in this run and the reference (MAE/RMSE)
+    seed: int | None = None  # a run's row in a study of several seeds: its training seed
+    seeds: tuple[int, ...] | None = None  # an ablation's row in a study of several seeds: the seeds it averages
 
     def __getattr__(self, name: str) -> Estimate:
         metrics = self.__dict__.get("metrics", {})
@@ -393,12 +475,13 @@ def metric_estimate(metric: Metric, run: Predictions, ref: Predictions | None, b
 
 
 def comparison_table(runs: Sequence[Run], reference: Run, *, n_resamples: int = 2000, confidence: float = 0.95,
-                     seed: int = 0) -> list[Row]:
+                     seed: int = 0, ids: np.ndarray | None = None) -> list[Row]:
     """One Row per run, in the given order. Test metrics use the test ids common to all runs with predictions (all of
-    them when the example sets match); a metric that has no value for some examples (MAE when an answer did not
-    parse) uses the run's examples that have one, and its difference the examples that have one in both runs."""
+    them when the example sets match; ids: these instead); a metric that has no value for some examples (MAE when an
+    answer did not parse) uses the run's examples that have one, and its difference the examples that have one in
+    both runs."""
     bootstrap: dict[str, Any] = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
-    ids = common_ids(runs)
+    ids = common_ids(runs) if ids is None else ids
     aligned = {r.name: r.predictions.select(ids) for r in runs if r.predictions is not None and ids.size}
     ref = aligned.get(reference.name)
     rows = []
@@ -423,3 +506,53 @@ def comparison_table(runs: Sequence[Run], reference: Run, *, n_resamples: int = 
         rows.append(Row(run.name, run.ablation, is_ref, len(ids) if p is not None else None,
                         Estimate(run.eval_loss, eval_diff), estimates, unparsable, pairs))
     return rows
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean over seeds, or None when some seed has no value (the mean of the others would be another quantity)."""
+    return None if any(v is None for v in values) else math.fsum(values) / len(values)
+
+
+def _seed_matrix(metric: Metric, predictions: Sequence[Predictions]) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds, examples) values (NaN: no value) and weights of one ablation's runs."""
+    pairs = [_values(metric, p) for p in predictions]
+    return np.stack([v for v, _ in pairs]), np.stack([w for _, w in pairs])
+
+
+def seed_comparison(study: SeedStudy, reference: str, *, n_resamples: int = 2000, confidence: float = 0.95,
+                    seed: int = 0) -> tuple[list[Row], list[Row]]:
+    """(one Row per ablation, one Row per run) for a study of several seeds; reference: the reference ablation.
+
+    Per run: comparison_table of each seed's runs against the reference ablation's run of that seed (paired
+    intervals over test examples), its Row carrying the seed; seeds ascending, ablations in study order.
+    Per ablation: each value (eval loss, every metric) is the mean over seeds of the runs' values; the difference is
+    the mean over seeds of the paired per-seed differences, with a seed_example_bootstrap interval (seeds and test
+    examples resampled together); unparsable is the mean over seeds. Every row uses the test ids common to all runs.
+    """
+    every_run = [r for a in study.ablations for r in study.runs[a].values()]
+    ids = common_ids(every_run)
+    per_seed = {s: comparison_table(study.of_seed(s), study.runs[reference][s], n_resamples=n_resamples,
+                                    confidence=confidence, seed=seed, ids=ids) for s in study.seeds}
+    run_rows = [replace(row, seed=s) for s in study.seeds for row in per_seed[s]]
+    ablation_rows = []
+    for index, ablation in enumerate(study.ablations):
+        rows = [per_seed[s][index] for s in study.seeds]
+        runs = [study.runs[ablation][s] for s in study.seeds]
+        is_ref = ablation == reference
+        eval_loss = Estimate(_mean([r.eval_loss.value for r in rows]),
+                             None if is_ref else _mean([r.eval_loss.diff for r in rows]))
+        estimates = {}
+        for metric in METRICS:
+            per_run = [r.estimate(metric.name) for r in rows]
+            value, diff = _mean([e.value for e in per_run]), _mean([e.diff for e in per_run])
+            if value is None or diff is None:
+                estimates[metric.name] = Estimate(value)
+                continue
+            a = _seed_matrix(metric, [r.predictions.select(ids) for r in runs])
+            b = _seed_matrix(metric, [study.runs[reference][s].predictions.select(ids) for s in study.seeds])
+            _, lo, hi = seed_example_bootstrap(a[0], b[0], metric.aggregate, weights=(a[1], b[1]),
+                                               n_resamples=n_resamples, confidence=confidence, seed=seed)
+            estimates[metric.name] = Estimate(value, diff, *((None, None) if math.isnan(lo) else (lo, hi)))
+        ablation_rows.append(Row(ablation, ablation, is_ref, rows[0].examples, eval_loss, estimates,
+                                 _mean([r.unparsable for r in rows]), seeds=study.seeds))
+    return ablation_rows, run_rows
