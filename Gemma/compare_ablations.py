@@ -23,9 +23,17 @@ Usage (from the repository root):
     # a study trained with several seeds (Gemma/run_study.py --seeds 1 2 3): each ablation's mean over seeds
     python Gemma/compare_ablations.py Gemma/outputs/study_seeds/*
 
+    # a history-length study (run_study.py --design history_lengths 1 2 4): also the main metric against the number
+    # of history items, in comparison_by_max_history_items.png beside comparison.png
+    python Gemma/compare_ablations.py Gemma/outputs/study_history/* --reference history_4 \\
+        --x_axis prompt.max_history_items
+
 Output: a Markdown table on stdout; a CSV (default <common parent of the runs>/comparison.csv) with separate value,
 diff, lo and hi columns; a PNG (default <common parent>/comparison.png) with the validation-loss curves on the left and
 the main metric (exact match, or MAE for numeric targets) per run on the right. Both files are written atomically.
+--x_axis KEY (a resolved_config.json key whose value is a number in every run, e.g.
+prompt.max_history_items) adds a PNG, <figure stem>_by_<last part of KEY>.png: the main metric against that value,
+one point per run (or per ablation, with several seeds), with the same intervals as the figure's right panel.
 Notes (which run is the reference, where the files went) go to stderr. Exit status: 0 done, 2 a problem you can fix
 (one line naming it on stderr; for runs that are not comparable, one line per difference below it).
 
@@ -56,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 import sys
@@ -69,7 +78,7 @@ from finetune.comparison import (DEFAULT_REFERENCE_ABLATION, Row, Run, check_com
                                  comparison_table, load_runs, run_paths, seed_comparison, seed_groups)
 from finetune.errors import EXIT_INTERRUPTED, UserError
 from finetune.metrics import METRICS, main_metric
-from finetune.outputs import write_atomic
+from finetune.outputs import RESOLVED_CONFIG_NAME, write_atomic
 
 logger = logging.getLogger("compare_ablations")
 
@@ -234,6 +243,75 @@ def plot(runs: Sequence[Run], rows: Sequence[Row], path: Path, confidence: float
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
+def x_axis_figure(figure: Path, key: str) -> Path:
+    """Where the metric-against-KEY figure goes: beside the comparison's figure."""
+    return figure.with_name(f"{figure.stem}_by_{key.rsplit('.', 1)[-1]}.png")
+
+
+def x_values(runs: Sequence[Run], rows: Sequence[Row], key: str) -> list[float]:
+    """Each row's value of a resolved_config.json key (a run's row: its run's; an ablation's row of a study of several
+    seeds: its runs', which must agree); refused, naming the runs, when a value is missing or not a number."""
+    def value(run: Run) -> object:
+        node: object = run.config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    values, problems = [], []
+    for row in rows:
+        of_row = [r for r in runs if (r.ablation == row.ablation if row.seeds is not None else r.name == row.run)]
+        found = {json.dumps(value(r)) for r in of_row}
+        number = value(of_row[0])
+        if len(found) > 1 or not isinstance(number, (int, float)) or isinstance(number, bool):
+            problems.append(f"  - {row.run}: {', '.join(f'{r.name}={json.dumps(value(r))}' for r in of_row)}")
+        else:
+            values.append(float(number))
+    if problems:
+        raise UserError([f"--x_axis {key}: every run needs a number there (the runs of one ablation the same one), as "
+                         f"in {RESOLVED_CONFIG_NAME}; drop --x_axis, or compare runs that differ in it:", *problems])
+    return values
+
+
+def plot_against(runs: Sequence[Run], rows: Sequence[Row], key: str, path: Path, confidence: float,
+                 run_rows: Sequence[Row] = ()) -> None:
+    """PNG: the main metric against a config value (e.g. how many history items the prompt shows), one point per row
+    in order of that value, joined by a line. The error bars are the intervals of plot()'s right panel (the
+    difference from the reference, drawn around the value); the reference is the black diamond and dashed line. A
+    study of several seeds (rows: the ablations' means, run_rows: every run): each seed's value as a small point."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric = main_metric(any(r.unparsable is not None for r in rows))
+    xs = x_values(runs, rows, key)
+    points = sorted(((x, r) for x, r in zip(xs, rows, strict=True) if r.estimate(metric.name).value is not None),
+                    key=lambda point: point[0])
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([x for x, _ in points], [r.estimate(metric.name).value for _, r in points], color="C0", zorder=1)
+    for x, row in points:
+        e = row.estimate(metric.name)
+        yerr = None if e.lo is None else [[max(0.0, e.diff - e.lo)], [max(0.0, e.hi - e.diff)]]
+        ax.errorbar([x], [e.value], yerr=yerr, fmt="D" if row.reference else "o", color="black" if row.reference
+                    else "C0", capsize=6, markersize=8, zorder=2)
+        if row.reference:
+            ax.axhline(e.value, color="black", linestyle="--", linewidth=1, label=f"reference: {row.run}")
+        seeds = [v for r in run_rows if r.ablation == row.ablation and (v := r.estimate(metric.name).value) is not None]
+        if seeds:  # a little to the right of the mean, so that a seed equal to it stays visible
+            offset = 0.015 * ((points[-1][0] - points[0][0]) or 1.0)
+            ax.scatter([x + offset] * len(seeds), seeds, s=18, color="C1", alpha=0.6, zorder=3,
+                       label="one seed" if row is points[0][1] else None)
+    ax.set_xticks(sorted({x for x, _ in points}))
+    ax.set(xlabel=key, ylabel=metric.label + (" (lower is better)" if metric.lower_is_better else ""))
+    ax.set_title(f"{metric.label} against {key}\nbars: {confidence * 100:g}% CI of the difference from the reference"
+                 + (", seeds and examples resampled" if run_rows else ""), fontsize="medium")
+    if points:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no test predictions", ha="center", va="center", transform=ax.transAxes)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
@@ -274,6 +352,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="compare runs whose example sets differ; metrics then use the test ids common to all runs.")
     p.add_argument("--allow_config_differences", action="store_true",
                    help="compare runs whose resolved configs differ in more than the ablation.")
+    p.add_argument("--x_axis", metavar="KEY",
+                   help="also plot the main metric against this resolved_config.json key (a number in every run, "
+                        "e.g. prompt.max_history_items), into <figure stem>_by_<last part of KEY>.png.")
     return p.parse_args(argv)
 
 
@@ -288,6 +369,8 @@ def compare(args: argparse.Namespace) -> None:
     csv_path = args.csv or common_parent(run_dirs) / DEFAULT_CSV_NAME
     check_output_path(figure, ".png", "--figure")
     check_output_path(csv_path, ".csv", "--csv")
+    if args.x_axis:
+        check_output_path(x_axis_figure(figure, args.x_axis), ".png", "--x_axis")
 
     runs = load_runs(run_dirs)
     study = seed_groups(runs)  # None: one seed per ablation, one row per run
@@ -315,12 +398,18 @@ def compare(args: argparse.Namespace) -> None:
         print(markdown_table(rows, args.confidence), flush=True)
         write_csv(rows, csv_path, args.confidence)
         plot(runs, rows, figure, args.confidence)
+        if args.x_axis:
+            plot_against(runs, rows, args.x_axis, x_axis_figure(figure, args.x_axis), args.confidence)
     else:
         ablation_rows, run_rows = seed_comparison(study, reference_ablation, **bootstrap)
         print(seed_markdown(ablation_rows, run_rows, args.confidence), flush=True)
         write_csv([*ablation_rows, *run_rows], csv_path, args.confidence)
         plot(runs, ablation_rows, figure, args.confidence, run_rows)
-    logger.info("Wrote %s and %s", csv_path, figure)
+        if args.x_axis:
+            plot_against(runs, ablation_rows, args.x_axis, x_axis_figure(figure, args.x_axis), args.confidence,
+                         run_rows)
+    logger.info("Wrote %s and %s%s", csv_path, figure,
+                f" and {x_axis_figure(figure, args.x_axis)}" if args.x_axis else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,13 @@ depends only on the seed and the full-prompt lengths, never on which sections th
 finetune/batching.LengthGroupedSampler; without length grouping accelerate's seedable sampler draws it from the seed).
 The comparison then gives each ablation's mean over seeds with intervals that resample seeds and test examples.
 
+--design NAME [ARGS] generates the ablations instead of --ablations (finetune/designs.py): sections (the four
+shipped profiles, as without it), leave_one_out (all_attributes, the reference, then without_<attribute> for each
+profile attribute of the training file), history_lengths N1 N2 ... (history_<N>: the N most recent history items;
+reference the largest N; the comparison adds <output_dir>/comparison_by_max_history_items.png, the main metric
+against N). Generated profiles are written into <output_dir>/designs/<name>.json and passed by path; a rerun that
+would write a different one is refused. --design combines with --seeds.
+
 Usage (from the repository root):
 
     # 4 GPUs, all four shipped ablations
@@ -28,6 +35,14 @@ Usage (from the repository root):
     # every ablation with three training seeds (12 runs: profile_and_history-seed1, profile_only-seed1, ...)
     python Gemma/run_study.py --config config.json --output_dir Gemma/outputs/study_seeds --num_processes 4 \\
         --seeds 1 2 3
+
+    # which profile attribute matters: the full profile, then each attribute left out
+    python Gemma/run_study.py --config config.json --output_dir Gemma/outputs/study_loo --num_processes 4 \\
+        --design leave_one_out
+
+    # how much history is enough: 0, 1, 2, 4 and 8 most recent items, each with two seeds
+    python Gemma/run_study.py --config config.json --output_dir Gemma/outputs/study_history --num_processes 4 \\
+        --design history_lengths 0 1 2 4 8 --seeds 1 2
 """
 
 from __future__ import annotations
@@ -39,12 +54,15 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.comparison import SEED_KEY
+from finetune.comparison import DEFAULT_REFERENCE_ABLATION, SEED_KEY
+from finetune.designs import (DESIGN_USAGE, DESIGNS_DIRNAME, SECTIONS_ABLATIONS, load_design, parse_design,
+                              write_profiles)
+from finetune.errors import UserError
 from finetune.outputs import RESULTS_NAME
 from finetune.settings import MAX_SEED
 
 HERE = Path(__file__).resolve().parent
-SHIPPED_ABLATIONS = ["profile_and_history", "profile_only", "history_only", "query_only"]
+SHIPPED_ABLATIONS = list(SECTIONS_ABLATIONS)
 
 
 def _seed(text: str) -> int:
@@ -62,17 +80,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=Path("config.json"), help="config.json shared by every run.")
     p.add_argument("--output_dir", type=Path, required=True,
                    help="study directory: one sub-directory per ablation (and seed), plus comparison.{md,csv,png}.")
-    p.add_argument("--ablations", nargs="+", default=SHIPPED_ABLATIONS,
+    p.add_argument("--ablations", nargs="+",
                    help="ablation names or JSON paths (default: the four shipped profiles).")
+    p.add_argument("--design", nargs="+", metavar="DESIGN",
+                   help="generate the ablations instead of listing them: " + "; ".join(DESIGN_USAGE.values()) +
+                        f" (see finetune/designs.py; profiles go into <output_dir>/{DESIGNS_DIRNAME}/).")
     p.add_argument("--num_processes", type=int, default=1, help="processes per run (GPUs, or CPU processes).")
     p.add_argument("--launcher_args", default="", help="extra arguments for `accelerate launch`, as one string.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override applied to every run (repeatable), as in train_deepspeed.py.")
-    p.add_argument("--reference", default="profile_and_history", help="the run the others are compared with.")
+    p.add_argument("--reference", help=f"the run the others are compared with (default: the design's reference, "
+                                        f"else {DEFAULT_REFERENCE_ABLATION}).")
     p.add_argument("--seeds", nargs="+", type=_seed, metavar="SEED",
                    help="train every ablation once per seed, into <ablation>-seed<SEED> (default: once, with the "
                         "config's training.seed, into <ablation>).")
     args = p.parse_args(argv)
+    args.x_axis = None  # a design's: the resolved-config key the comparison plots the main metric against
+    if args.design:
+        if args.ablations:
+            p.error("--ablations and --design both choose the runs; give one of them.")
+        try:
+            args.design = parse_design(args.design)
+        except UserError as e:
+            p.error(" ".join(e.problems))
+    args.ablations = args.ablations or list(SHIPPED_ABLATIONS)
     names = [Path(a).stem for a in args.ablations]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -87,6 +118,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--set {fixed[0]} and --seeds both set the seed; drop the --set (--seeds sets {SEED_KEY} "
                     "for each run).")
     return args
+
+
+def apply_design(args: argparse.Namespace) -> None:
+    """With --design: its ablations (the generated profiles written into <output_dir>/designs/ first), reference
+    (unless --reference names one) and the comparison's x axis, in args. Without: the reference defaults."""
+    if args.design:
+        design = load_design(*args.design, args.config, args.overrides)
+        args.ablations = write_profiles(design, args.output_dir / DESIGNS_DIRNAME)
+        args.reference = args.reference or design.reference
+        args.x_axis = design.x_axis
+    args.reference = args.reference or DEFAULT_REFERENCE_ABLATION
 
 
 def planned_runs(args: argparse.Namespace) -> list[tuple[str, int | None, Path]]:
@@ -118,6 +160,11 @@ def launch_command(args: argparse.Namespace, ablation: str, run_dir: Path, cuda:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        apply_design(args)
+    except UserError as e:
+        print("\n".join([f"error: {e.problems[0]}", *e.problems[1:]]), file=sys.stderr, flush=True)
+        return e.exit_code
     import torch  # only to ask whether CUDA is here: the launcher needs to know
 
     cuda = torch.cuda.is_available()
@@ -139,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     compare = [sys.executable, str(HERE / "compare_ablations.py"), *map(str, run_dirs), "--reference", args.reference,
                "--csv", str(args.output_dir / "comparison.csv"), "--figure", str(args.output_dir / "comparison.png")]
+    compare += ["--x_axis", args.x_axis] if args.x_axis else []
     table = subprocess.run(compare, stdout=subprocess.PIPE, text=True)
     if table.returncode != 0:
         return table.returncode

@@ -139,6 +139,12 @@ def section_objects(records: list[dict], section_name: str) -> list[dict]:
     return objects
 
 
+def attribute_names(objects: list[dict]) -> list[str]:
+    """Every attribute that some object has with a value, in first-seen order (Arrow gives an attribute a record
+    lacks null, so null is no attribute)."""
+    return list(dict.fromkeys(k for obj in objects for k, v in obj.items() if v is not None))
+
+
 def field_list_problems(records: list[dict], path: Path, prompt: PromptConfig) -> list[str]:
     """Each name in prompt.<section>_fields must be an attribute that some record of the (training) file has, with a
     value: a misspelt name would otherwise show nothing, silently, in every example. A name that only some records
@@ -149,7 +155,7 @@ def field_list_problems(records: list[dict], path: Path, prompt: PromptConfig) -
         objects = section_objects(records, section.name)
         if names is None or not objects:  # no object at all: check_record has said why (strings, or missing)
             continue
-        present = list(dict.fromkeys(k for obj in objects for k, v in obj.items() if v is not None))
+        present = attribute_names(objects)
         what = "history item" if section.is_list else section.name
         for name in names:
             if name not in present:
