@@ -224,3 +224,12 @@ def test_zero3_two_rank_choice_scoring_equals_one_rank(tiny_model, data_dir, tmp
         for genre in GENRES:
             assert b["choice_probabilities"][genre] == pytest.approx(a["choice_probabilities"][genre], abs=1e-4)
         assert b["prediction"] == a["prediction"] and b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+
+
+def test_auto_choices_are_found_and_logged_by_a_dry_run(tiny_model, data_dir, tmp_path):
+    write_jsonl(data_dir / "test.jsonl", make_records(6, seed=3, prefix="t"))
+    config = write_config(tmp_path / "config.json", tiny_model, data_dir,
+                          data={"test_file": str(data_dir / "test.jsonl")}, evaluation={"answer_choices": "auto"})
+    proc = run_script(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--dry_run"], processes=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Answer choices (auto: the 5 distinct training targets): {', '.join(map(repr, GENRES))}" in proc.stdout

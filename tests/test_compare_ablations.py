@@ -780,3 +780,21 @@ def test_answer_choice_metrics_are_compared_with_the_main_metric_first(tmp_path)
     assert header[3:6] == ["eval loss", "eval loss vs ref", "MAE of the expected rating"]
     assert "macro-F1" in header and "AUC" not in header and "ROUGE-L" not in header
     ca.plot(runs, rows, tmp_path / "figure.png", 0.95)  # the main metric on the right
+
+
+def test_a_study_of_several_seeds_gives_macro_f1_its_seed_and_example_interval(tmp_path):
+    dirs = []
+    for seed in (1, 2):
+        for ablation, skill in (("profile_and_history", 0.9), ("query_only", 0.3 + 0.2 * seed)):
+            d = make_run(tmp_path, f"{ablation}-seed{seed}", ablation,
+                         rating_choice_predictions(60, skill, seed), numeric=True,
+                         config_changes={"training.seed": seed, "cli.overrides": [f"training.seed={seed}"]})
+            results = json.loads((d / "results.json").read_text())
+            results["test"]["main_metric"] = "expected_mae"
+            (d / "results.json").write_text(json.dumps(results))
+            dirs.append(d)
+    ablation_rows, run_rows = seed_comparison(seed_groups(load_runs(dirs)), "profile_and_history", n_resamples=300)
+    query = ablation_rows[1].macro_f1
+    per_seed = [r.macro_f1.diff for r in run_rows if r.ablation == "query_only"]
+    assert query.diff == pytest.approx(sum(per_seed) / 2) and query.lo <= query.diff <= query.hi < 0
+    assert ablation_rows[1].main == "expected_mae" and ablation_rows[1].auc.value is None
