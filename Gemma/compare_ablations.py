@@ -30,7 +30,7 @@ Usage (from the repository root):
 
 Output: a Markdown table on stdout; a CSV (default <common parent of the runs>/comparison.csv) with separate value,
 diff, lo and hi columns; a PNG (default <common parent>/comparison.png) with the validation-loss curves on the left and
-the main metric (exact match, or MAE for numeric targets) per run on the right. Both files are written atomically.
+the task's main metric (results.json test.main_metric) per run on the right. Both files are written atomically.
 --x_axis KEY (a resolved_config.json key whose value is a number in every run, e.g.
 prompt.max_history_items) adds a PNG, <figure stem>_by_<last part of KEY>.png: the main metric against that value,
 one point per run (or per ablation, with several seeds), with the same intervals as the figure's right panel.
@@ -43,11 +43,15 @@ examples of predictions.jsonl:
     exact match  fraction of examples whose prediction equals the target
     MAE, RMSE    numeric targets only, over the examples whose prediction parsed as a number; the difference from
                  the reference uses the examples parsed in both runs (the CSV's numeric_pairs counts them)
+    macro-F1     answer choices: the mean over classes of F1; AUC: two answer choices, the second one positive
+    expected_mae numeric answer choices: MAE (and expected_rmse RMSE) of the expected value sum(p_i * v_i)
+    ROUGE-1/L    free-text targets: mean F-measure per example (rouge-score)
     eval loss    results.json's eval.eval_loss: the Trainer reports only the mean, so it has no interval
 Differences are run minus reference. Intervals are paired percentile bootstraps: each resample draws test ids with
-replacement, the same draw for both runs, and recomputes the metric on each. A run without predictions.jsonl (no
-test file) is allowed when its results.json has no "test" section: it is compared on eval loss only and its test
-metric cells stay empty.
+replacement, the same draw for both runs, and recomputes the metric on each (macro-F1 and AUC, which are no means of
+per-example values, from the resampled rows). The table shows eval loss, then the main metric, then the others. A
+run without predictions.jsonl (no test file) is allowed when its results.json has no "test" section: it is compared
+on eval loss only and its test metric cells stay empty.
 
 Several seeds: when some ablation has runs of more than one training.seed (read from resolved_config.json), the runs
 are grouped by ablation and seed, and the seed may differ between runs. Every ablation needs the same seeds with one
@@ -77,7 +81,7 @@ from finetune.comparison import (DEFAULT_REFERENCE_ABLATION, Row, Run, check_com
                                  choose_reference, choose_reference_ablation, common_ids, common_parent,
                                  comparison_table, load_runs, run_paths, seed_comparison, seed_groups)
 from finetune.errors import EXIT_INTERRUPTED, UserError
-from finetune.metrics import METRICS, main_metric
+from finetune.metrics import BY_NAME, EVERY_TASK_COLUMNS, METRICS
 from finetune.outputs import RESOLVED_CONFIG_NAME, write_atomic
 
 logger = logging.getLogger("compare_ablations")
@@ -86,7 +90,7 @@ DEFAULT_CSV_NAME = "comparison.csv"
 DEFAULT_FIGURE_NAME = "comparison.png"
 COLUMNS = ("eval_loss", *(m.name for m in METRICS))  # the table's metrics, in order
 LABELS = {"eval_loss": "eval loss", **{m.name: m.label for m in METRICS}}
-NUMERIC_ONLY = {m.name for m in METRICS if m.numeric_only}
+ALWAYS_SHOWN = {"eval_loss", *(m.name for m in METRICS if m.column in EVERY_TASK_COLUMNS)}
 CSV_COLUMNS = ["run", "ablation", "reference", "test_examples",
                *(f"{m}{part}" for m in COLUMNS for part in ("", "_diff", "_lo", "_hi")),
                "unparsable", "numeric_pairs", "confidence"]
@@ -128,9 +132,12 @@ def _count(x: float | None) -> str:
 
 
 def markdown_table(rows: Sequence[Row], confidence: float) -> str:
-    """The rows as a Markdown table; MAE, RMSE and unparsable columns only when some run is numeric."""
+    """The rows as a Markdown table: eval loss, then the task's main metric, then the others that apply (have a value
+    in some row: MAE, RMSE and unparsable only when some run is numeric, AUC only with two answer choices, ...)."""
     numeric = any(r.unparsable is not None for r in rows)
-    metrics = [m for m in COLUMNS if numeric or m not in NUMERIC_ONLY]
+    main = rows[0].main if rows else None
+    applying = [m for m in COLUMNS if m in ALWAYS_SHOWN or any(r.estimate(m).value is not None for r in rows)]
+    metrics = ["eval_loss", *(m for m in applying if m == main), *(m for m in applying if m not in ("eval_loss", main))]
     level = f"{confidence * 100:g}%"
     lead, lead_cells = _lead(rows)
     header = [*lead, "test examples"]
@@ -181,9 +188,9 @@ def write_csv(rows: Sequence[Row], path: Path, confidence: float) -> None:
 
 def plot(runs: Sequence[Run], rows: Sequence[Row], path: Path, confidence: float,
          run_rows: Sequence[Row] = ()) -> None:
-    """PNG: validation loss vs step for every run (left); the main metric per run (right), exact match or, when the
-    targets are numeric, MAE. A run's error bar is the paired interval of its difference from the reference, drawn
-    around its value: when the bar misses the reference's dashed line, the difference is significant.
+    """PNG: validation loss vs step for every run (left); the task's main metric per run (right; metrics.main_metric:
+    e.g. exact match, MAE, ROUGE-L). A run's error bar is the paired interval of its difference from the reference,
+    drawn around its value: when the bar misses the reference's dashed line, the difference is significant.
     A study of several seeds (rows: the ablations' means, run_rows: every run): the right panel has one position per
     ablation, its mean with the seed-and-example interval and, beside it, every seed's value as a small point; the
     left panel colours the curves by ablation."""
@@ -210,7 +217,7 @@ def plot(runs: Sequence[Run], rows: Sequence[Row], path: Path, confidence: float
     else:
         left.text(0.5, 0.5, "no evaluation in log_history", ha="center", va="center", transform=left.transAxes)
 
-    metric = main_metric(any(r.unparsable is not None for r in rows))
+    metric = BY_NAME[rows[0].main]
     shown = [r for r in rows if r.estimate(metric.name).value is not None]
     for x, row in enumerate(shown):
         e = row.estimate(metric.name)
@@ -281,7 +288,7 @@ def plot_against(runs: Sequence[Run], rows: Sequence[Row], key: str, path: Path,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    metric = main_metric(any(r.unparsable is not None for r in rows))
+    metric = BY_NAME[rows[0].main]
     xs = x_values(runs, rows, key)
     points = sorted(((x, r) for x, r in zip(xs, rows, strict=True) if r.estimate(metric.name).value is not None),
                     key=lambda point: point[0])

@@ -101,7 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="with --resume_from_checkpoint: continue even where the settings, data or model differ from "
                         "what the checkpoint was trained with (recorded in results.json).")
     p.add_argument("--do_eval_only", action="store_true",
-                   help="no training: evaluate <output_dir>/final/ on data.test_file (loss, greedy answers, metrics) and "
+                   help="no training: evaluate <output_dir>/final/ on data.test_file (loss, answers, metrics) and "
                         "update results.json and predictions.jsonl. Pass the run's --config and --ablation_config.")
     p.add_argument("--replace_test_set", action="store_true",
                    help="with --do_eval_only: replace the test results of another test set (recorded).")
@@ -224,6 +224,23 @@ def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, Any, dict]
     return tokenizer, encoder, splits
 
 
+def plan_answer_choices(plan: RunPlan, splits: dict) -> Any:
+    """evaluation.answer_choices resolved against the data ("auto": the training file's distinct targets) and checked
+    against the test targets, before the model loads; None without choices or without a test file."""
+    from finetune.data import read_records, resolve_answer_choices
+
+    setting, path = plan.cfg.evaluation.answer_choices, plan.data_file("train")
+    train_targets = None
+    if setting == "auto" and "test" in splits:
+        train_targets = [r["target"].strip() for r in read_records(path, plan.cfg.data.fields)
+                         if isinstance(r["target"], str) and r["target"].strip()]
+    answers = resolve_answer_choices(setting, train_targets, splits.get("test"))
+    if setting is not None and answers is not None:
+        logger.info("Answer choices (%s): %s", answers.source,
+                    "free generation" if answers.choices is None else ", ".join(map(repr, answers.choices)))
+    return answers
+
+
 def deepspeed_config_for(plan: RunPlan, model_config: Any, split: Any, hardware: Any = None) -> tuple[dict, Any]:
     """(DeepSpeed config, memory plan): the user's --deepspeed_config, or the generated one with any "auto" offload
     decided by the memory plan for micro-batches of `split` (the plan is None when nothing needed it)."""
@@ -283,6 +300,7 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> Path:
     with (OutputLock(plan.output_dir, held_here=rank0),
           PreviousRun(plan.output_dir, replacing=args.overwrite_output_dir and rank0) as previous):
         tokenizer, encoder, splits = prepare_data(plan, ("train", "validation", "test"))
+        answers = plan_answer_choices(plan, splits)
         with Runtime.start(plan.cfg.model.dtype) as runtime:
             from finetune import trainer as tr
             from finetune.evaluation import run_test_evaluation
@@ -298,8 +316,8 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> Path:
                        "model_identity": plan.identity["model"]}
             final = tr.save_final_model(trainer, plan.output_dir, runtime.rank, encoder.chat, plan.cfg,
                                          plan.model_path)
-            tested = (run_test_evaluation(trainer.model, encoder, splits["test"], plan.cfg, trainer.args.device)
-                      if "test" in splits else None)
+            tested = (run_test_evaluation(trainer.model, encoder, splits["test"], plan.cfg, trainer.args.device,
+                                          answers) if "test" in splits else None)
             if runtime.rank == 0:
                 test_set = {**plan.test_set(splits["test"]), "evaluated": "after training"} if tested else {}
                 write_results(plan.output_dir, {**results, "wall_time_s": round(time.time() - started, 1)}, tested,
@@ -341,6 +359,7 @@ def evaluate_only(args: argparse.Namespace) -> Path:
     plan.cfg = dataclasses.replace(plan.cfg, lora=LoraConfig())  # a LoRA run's final/ is merged: no adapters to add
     with OutputLock(plan.output_dir, held_here=int(os.environ.get("RANK", "0")) == 0):
         tokenizer, encoder, splits = prepare_data(plan, ("test",))
+        answers = plan_answer_choices(plan, splits)
         test = splits["test"]
         test_set = {**plan.test_set(test), "evaluated": f"--do_eval_only, {time.strftime('%Y-%m-%d %H:%M')}"}
         check_same_test_set(plan.output_dir, test_set, args.replace_test_set)
@@ -360,7 +379,7 @@ def evaluate_only(args: argparse.Namespace) -> Path:
             # The Trainer builds the DeepSpeed inference engine on its first evaluation; one example per rank does.
             trainer.evaluate(tr.as_dataset(test.examples[:training_args.world_size]))
             runtime.phase(None)
-            tested = run_test_evaluation(trainer.model, encoder, test, plan.cfg, training_args.device)
+            tested = run_test_evaluation(trainer.model, encoder, test, plan.cfg, training_args.device, answers)
             if runtime.rank == 0:
                 results = read_results(plan.output_dir)
                 if (replaced := test_set_of(results)) and replaced.get("ids_sha256") != test_set["ids_sha256"]:
@@ -384,6 +403,7 @@ def dry_run(args: argparse.Namespace) -> Path:
 
         cfg, t = plan.cfg, plan.cfg.training
         _, encoder, splits = prepare_data(plan, ("train", "validation", "test"))
+        plan_answer_choices(plan, splits)
         hardware = detect_hardware(*(getattr(args, k) for k in HARDWARE_FLAGS))
         model_config = load_model_config(plan.model_path)
         ds_config, memory = deepspeed_config_for(plan, model_config, splits["train"], hardware)

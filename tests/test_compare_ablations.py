@@ -740,3 +740,61 @@ def test_outputs_must_have_their_suffix_and_stay_out_of_run_directories(genre_ru
         assert proc.returncode == 2 and message in proc.stderr, (flag, path, proc.stderr)
         assert not path.exists() or path == results
     assert results.read_bytes() == before
+
+
+def rating_choice_predictions(n: int, skill: float, seed: int) -> list[dict]:
+    """Ratings scored over the answer choices 1-5 (probabilities, as the evaluation writes them): with probability
+    `skill` the mass sits on the target."""
+    from finetune.metrics import score_predictions
+
+    rng = np.random.default_rng(seed)
+    choices = ["1", "2", "3", "4", "5"]
+    rows = []
+    for i in range(n):
+        target = int(rng.integers(1, 6))
+        centre = target if rng.random() < skill else int(rng.integers(1, 6))
+        p = np.exp(-np.abs(np.arange(1, 6) - centre))
+        p /= p.sum()
+        rows.append({"id": f"t{i:06d}", "target": str(target), "prediction": str(centre), "loss": 0.5,
+                     "target_tokens": 2, "choice_probabilities": dict(zip(choices, p.tolist(), strict=True))})
+    score_predictions(rows, n, choices)
+    return rows
+
+
+def test_answer_choice_metrics_are_compared_with_the_main_metric_first(tmp_path):
+    runs_dirs = [make_run(tmp_path, "full", "profile_and_history", rating_choice_predictions(80, 0.9, 1), numeric=True),
+                 make_run(tmp_path, "query", "query_only", rating_choice_predictions(80, 0.3, 2), numeric=True)]
+    for d in runs_dirs:  # as the evaluation records it for numeric answer choices
+        results = json.loads((d / "results.json").read_text())
+        results["test"]["main_metric"] = "expected_mae"
+        (d / "results.json").write_text(json.dumps(results))
+    runs = load_runs(runs_dirs)
+    rows = comparison_table(runs, runs[0], n_resamples=300)
+    query = rows[1]
+    assert query.main == "expected_mae" and query.auc.value is None
+    for name in ("macro_f1", "expected_mae", "expected_rmse", "mae"):
+        e = query.estimate(name)
+        assert e.lo <= e.diff <= e.hi, name
+    assert query.macro_f1.diff < 0 < query.expected_mae.diff  # the weaker run: lower F1, larger error
+    header = ca.markdown_table(rows, 0.95).splitlines()[0].split(" | ")
+    assert header[3:6] == ["eval loss", "eval loss vs ref", "MAE of the expected rating"]
+    assert "macro-F1" in header and "AUC" not in header and "ROUGE-L" not in header
+    ca.plot(runs, rows, tmp_path / "figure.png", 0.95)  # the main metric on the right
+
+
+def test_a_study_of_several_seeds_gives_macro_f1_its_seed_and_example_interval(tmp_path):
+    dirs = []
+    for seed in (1, 2):
+        for ablation, skill in (("profile_and_history", 0.9), ("query_only", 0.3 + 0.2 * seed)):
+            d = make_run(tmp_path, f"{ablation}-seed{seed}", ablation,
+                         rating_choice_predictions(60, skill, seed), numeric=True,
+                         config_changes={"training.seed": seed, "cli.overrides": [f"training.seed={seed}"]})
+            results = json.loads((d / "results.json").read_text())
+            results["test"]["main_metric"] = "expected_mae"
+            (d / "results.json").write_text(json.dumps(results))
+            dirs.append(d)
+    ablation_rows, run_rows = seed_comparison(seed_groups(load_runs(dirs)), "profile_and_history", n_resamples=300)
+    query = ablation_rows[1].macro_f1
+    per_seed = [r.macro_f1.diff for r in run_rows if r.ablation == "query_only"]
+    assert query.diff == pytest.approx(sum(per_seed) / 2) and query.lo <= query.diff <= query.hi < 0
+    assert ablation_rows[1].main == "expected_mae" and ablation_rows[1].auc.value is None

@@ -19,11 +19,11 @@ order data flows through a run:
     activation_offload  activation checkpointing with the saved layer inputs in CPU memory
     trainer           TrainingArguments, our Trainer subclass and its callbacks, final model, results
     faults            preemption (SIGTERM) and divergence (NaN) during training
-    evaluation        test-set loss and greedy answers under ZeRO-3
+    evaluation        test-set loss, greedy answers or answer-choice likelihoods, under ZeRO-3
     metrics           the metric registry shared by the evaluation and the comparison
     outputs           output file names, atomic writes, output-dir checks and lock, checkpoints, resuming, disk
     dry_run           the --dry_run report
-    bootstrap         paired bootstrap intervals (Gemma/compare_ablations.py)
+    bootstrap         bootstrap intervals of differences (Gemma/compare_ablations.py)
     comparison        finished runs -> comparable rows with intervals (Gemma/compare_ablations.py)
     errors            UserError and the exit codes every tool uses
 

@@ -1,6 +1,7 @@
 """Percentile bootstrap intervals for the difference of a metric between two ablations on the same test examples:
 paired_bootstrap for one run each (resamples test examples), seed_example_bootstrap for several training seeds each
-(resamples seeds and test examples together)."""
+(resamples seeds and test examples together). Both take a weighted-mean Aggregate (vectorised through weighted sums)
+or a RowStatistic (macro-F1, AUC: recomputed on every resample's rows through resample counts)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .metrics import MEAN, Aggregate
+from .metrics import MEAN, Aggregate, RowStatistic
 
 # Resamples are drawn in blocks of about this many (resample, example) counts: a block stays in cache (2000 x 5000 runs
 # 3-5x faster than in one block) and memory stays bounded for any test set.
@@ -34,7 +35,7 @@ def resample_counts(n: int, n_resamples: int, rng: np.random.Generator) -> np.nd
 def paired_bootstrap(
     a: np.ndarray,
     b: np.ndarray,
-    metric: Aggregate = MEAN,
+    metric: Aggregate | RowStatistic = MEAN,
     *,
     weights: np.ndarray | tuple[np.ndarray | None, np.ndarray | None] | None = None,
     n_resamples: int = 2000,
@@ -49,10 +50,14 @@ def paired_bootstrap(
     both runs and recomputes the metric on each; lo and hi are the (1 -/+ confidence) / 2 quantiles of the differences.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
-        raise ValueError(f"a and b must be non-empty 1-D arrays of one length, got shapes {a.shape} and {b.shape}")
+    rows = isinstance(metric, RowStatistic)  # a, b: (n, 2) rows, no weights
+    if a.ndim != 1 + rows or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"a and b must be non-empty {'(n, 2)' if rows else '1-D'} arrays of one shape, got shapes "
+                         f"{a.shape} and {b.shape}")
     if not 0 < confidence < 1 or n_resamples < 1:
         raise ValueError(f"need 0 < confidence < 1 and n_resamples >= 1, got {confidence} and {n_resamples}")
+    if rows:
+        return _paired_rows(a, b, metric, n_resamples, confidence, seed)
     wa, wb = (weights, weights) if weights is None or isinstance(weights, np.ndarray) else weights
     wa = np.ones_like(a) if wa is None else np.asarray(wa, dtype=np.float64)
     wb = np.ones_like(b) if wb is None else np.asarray(wb, dtype=np.float64)
@@ -74,10 +79,36 @@ def paired_bootstrap(
     return Difference(diff, float(lo), float(hi))
 
 
+def _quantiles(diff: float, stats: np.ndarray, confidence: float) -> Difference:
+    """The difference and the percentile interval of its resampled values (NaN ones left out)."""
+    stats = stats[~np.isnan(stats)]
+    if stats.size == 0:
+        return Difference(diff, math.nan, math.nan)
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(stats, [tail, 1 - tail])
+    return Difference(diff, float(lo), float(hi))
+
+
+def _paired_rows(a: np.ndarray, b: np.ndarray, metric: RowStatistic, n_resamples: int, confidence: float,
+                 seed: int) -> Difference:
+    """paired_bootstrap for a RowStatistic: the same resample counts applied to both runs' rows. The counts come
+    from the same seeded draws as for an Aggregate. A resample whose statistic is undefined (AUC with no positive
+    drawn) is left out of the quantiles."""
+    n = len(a)
+    diff = float(metric.resampled(np.ones((1, n)), a)[0] - metric.resampled(np.ones((1, n)), b)[0])
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n_resamples)
+    block = max(1, BOOTSTRAP_BLOCK // n)
+    for start in range(0, n_resamples, block):
+        counts = resample_counts(n, min(block, n_resamples - start), rng)
+        diffs[start:start + len(counts)] = metric.resampled(counts, a) - metric.resampled(counts, b)
+    return _quantiles(diff, diffs, confidence)
+
+
 def seed_example_bootstrap(
     a: np.ndarray,
     b: np.ndarray,
-    metric: Aggregate = MEAN,
+    metric: Aggregate | RowStatistic = MEAN,
     *,
     weights: np.ndarray | tuple[np.ndarray | None, np.ndarray | None] | None = None,
     n_resamples: int = 2000,
@@ -105,11 +136,14 @@ def seed_example_bootstrap(
     a value in both runs is left out of the quantiles.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.ndim != 2 or a.shape != b.shape or a.size == 0:
-        raise ValueError(f"a and b must be non-empty (seeds, examples) arrays of one shape, got {a.shape} and "
-                         f"{b.shape}")
+    rows = isinstance(metric, RowStatistic)  # a, b: (seeds, examples, 2) rows, no weights
+    if a.ndim != 2 + rows or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"a and b must be non-empty (seeds, examples{', 2' if rows else ''}) arrays of one shape, "
+                         f"got {a.shape} and {b.shape}")
     if not 0 < confidence < 1 or n_resamples < 1:
         raise ValueError(f"need 0 < confidence < 1 and n_resamples >= 1, got {confidence} and {n_resamples}")
+    if rows:
+        return _seed_example_rows(a, b, metric, n_resamples, confidence, seed)
     wa, wb = (weights, weights) if weights is None or isinstance(weights, np.ndarray) else weights
     wa = np.ones_like(a) if wa is None else np.broadcast_to(np.asarray(wa, dtype=np.float64), a.shape)
     wb = np.ones_like(b) if wb is None else np.broadcast_to(np.asarray(wb, dtype=np.float64), b.shape)
@@ -141,9 +175,35 @@ def seed_example_bootstrap(
         drawn = seed_counts > 0  # a seed not drawn must not bring its NaN into the mean
         stats[start:start + size] = np.sum(np.where(drawn, per_seed, 0.0) * seed_counts, axis=1) / n_seeds
         stats[start:start + size][np.any(drawn & np.isnan(per_seed), axis=1)] = np.nan
-    stats = stats[~np.isnan(stats)]
-    if stats.size == 0:
-        return Difference(diff, math.nan, math.nan)
-    tail = (1 - confidence) / 2
-    lo, hi = np.quantile(stats, [tail, 1 - tail])
-    return Difference(diff, float(lo), float(hi))
+    return _quantiles(diff, stats, confidence)
+
+
+def _seed_example_rows(a: np.ndarray, b: np.ndarray, metric: RowStatistic, n_resamples: int, confidence: float,
+                       seed: int) -> Difference:
+    """seed_example_bootstrap for a RowStatistic, a and b (seeds, examples, 2): the same two-level draws (seeds with
+    replacement, examples with replacement shared by every run); each seed's statistic is recomputed on the drawn
+    rows of its runs that have a value in both (the others count zero times). A resample in which a drawn seed's
+    difference is undefined is left out of the quantiles."""
+    both = ~np.isnan(a).any(axis=2) & ~np.isnan(b).any(axis=2)
+    if not both.any(axis=1).all():
+        raise ValueError("every seed needs at least one example with a value in both runs")
+    a, b = np.nan_to_num(a), np.nan_to_num(b)
+    n_seeds, n = both.shape
+
+    def seed_differences(counts: np.ndarray) -> np.ndarray:
+        """(size, examples) example counts -> (size, seeds) per-seed differences."""
+        return np.stack([metric.resampled(counts * both[s], a[s]) - metric.resampled(counts * both[s], b[s])
+                         for s in range(n_seeds)], axis=1)
+
+    diff = float(np.mean(seed_differences(np.ones((1, n)))))
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_resamples)
+    block = max(1, BOOTSTRAP_BLOCK // n)
+    for start in range(0, n_resamples, block):
+        size = min(block, n_resamples - start)
+        seed_counts = resample_counts(n_seeds, size, rng)
+        per_seed = seed_differences(resample_counts(n, size, rng))
+        drawn = seed_counts > 0
+        stats[start:start + size] = np.sum(np.where(drawn, per_seed, 0.0) * seed_counts, axis=1) / n_seeds
+        stats[start:start + size][np.any(drawn & np.isnan(per_seed), axis=1)] = np.nan
+    return _quantiles(diff, stats, confidence)

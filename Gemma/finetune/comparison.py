@@ -17,7 +17,7 @@ import numpy as np
 
 from .bootstrap import paired_bootstrap, seed_example_bootstrap
 from .errors import UserError
-from .metrics import MAE, METRICS, Metric
+from .metrics import BY_NAME, EVERY_TASK_COLUMNS, MAE, METRICS, Metric, RowStatistic, main_metric
 from .outputs import IDENTITY_NAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME
 
 DEFAULT_REFERENCE_ABLATION = "profile_and_history"  # the full prompt: every other ablation removes something from it
@@ -31,10 +31,9 @@ ABLATION_OVERRIDE_PREFIXES = ("prompt.",)
 # The training seed: a run's seed in a study of several seeds (run_study.py --seeds sets it with --set), so it may
 # differ between runs when the runs are grouped by seed
 SEED_KEY = "training.seed"
-# The per-example columns of predictions.jsonl the metrics read: a column may be null only when every metric reading
-# it is for numeric tasks (an answer that did not parse as a number has no error).
-COLUMNS = {column: all(m.numeric_only for m in METRICS if column in (m.column, m.weight))
-           for m in METRICS for column in (m.column, m.weight) if column is not None}
+# The per-example columns of predictions.jsonl the metrics read -> whether it may be null (or absent: a file written
+# before the metric existed); a null means the example has no value (an answer that did not parse as a number).
+COLUMNS = {column: column not in EVERY_TASK_COLUMNS for m in METRICS for column in m.columns}
 WEIGHTS = {m.weight for m in METRICS if m.weight is not None}  # per-example weights: at least 1
 
 
@@ -63,6 +62,7 @@ class Run:
     name: str  # the directory name, or its path below the runs' common parent when two names collide
     ablation: str
     numeric: bool  # the test targets are numbers: MAE, RMSE and unparsable apply
+    main_metric: str  # the metric the task is judged by (results.json test.main_metric; metrics.main_metric)
     examples: dict[str, str]  # split -> ids_sha256
     eval_loss: float | None
     eval_curve: list[tuple[int, float]]  # (step, eval_loss) from log_history
@@ -117,6 +117,9 @@ def read_predictions(path: Path) -> Predictions:
             raise UserError(f"{where}: invalid JSON ({e.msg}); is the file truncated?") from None
         ids.append(str(_field(rec, "id", (str, int), where)))
         for name, nullable in COLUMNS.items():
+            if nullable and isinstance(rec, dict) and name not in rec:
+                columns[name].append(math.nan)
+                continue
             types = (int, float, bool, type(None)) if nullable else (int, float, bool)
             value = _finite(_field(rec, name, types, where), f"{where}: {name}")
             if name in WEIGHTS and not value >= 1:
@@ -163,16 +166,22 @@ def load_run(run_dir: Path) -> Run:
                         "was the run interrupted after generation?")
     if test is not None and not predictions_path.is_file():
         raise UserError(f"{run_dir}: {RESULTS_NAME} reports a test evaluation but {PREDICTIONS_NAME} is missing.")
-    predictions, numeric = None, False
+    predictions, numeric, main = None, False, main_metric(False).name
     if test is not None:
         numeric = _field(test, "numeric", bool, f"{where}: test")
+        # Runs evaluated before the main metric was recorded: the rule of that time (MAE for numbers, else exact match)
+        main = test.get("main_metric") or main_metric(numeric).name
+        if main not in BY_NAME:
+            raise UserError(f"{where}: test.main_metric: {main!r} is no metric of this version "
+                            f"({', '.join(BY_NAME)}); was it written by a newer Gemma/train_deepspeed.py?")
         generated = _field(test, "generated", int, f"{where}: test")
         predictions = read_predictions(predictions_path)
         if len(predictions.ids) != generated:
             raise UserError(f"{predictions_path}: {len(predictions.ids)} predictions, but {RESULTS_NAME} says "
                             f"test.generated={generated}; is the file truncated?")
     return Run(path=run_dir, name=run_dir.resolve().name, ablation=_field(results, "ablation", str, where),
-               numeric=numeric, examples=examples, eval_loss=eval_loss, eval_curve=sorted(curve.items()),
+               numeric=numeric, main_metric=main, examples=examples, eval_loss=eval_loss,
+               eval_curve=sorted(curve.items()),
                config=config, predictions=predictions)
 
 
@@ -428,6 +437,7 @@ class Row:
     numeric_pairs: int | None = None  # numeric tasks: examples parsed in this run and the reference (MAE/RMSE)
     seed: int | None = None  # a run's row in a study of several seeds: its training seed
     seeds: tuple[int, ...] | None = None  # an ablation's row in a study of several seeds: the seeds it averages
+    main: str = "exact_match"  # the reference run's main metric (Metric.name): the comparison shows it first
 
     def __getattr__(self, name: str) -> Estimate:
         metrics = self.__dict__.get("metrics", {})
@@ -452,22 +462,30 @@ def common_ids(runs: Sequence[Run]) -> np.ndarray:
 
 
 def _values(metric: Metric, p: Predictions) -> tuple[np.ndarray, np.ndarray]:
+    """(values, weights) of one run: values 1-D, or (examples, 2) rows [column, with_column] for a RowStatistic."""
     values = p.columns[metric.column]
-    return values, (np.ones_like(values) if metric.weight is None else p.columns[metric.weight])
+    if isinstance(metric.aggregate, RowStatistic):
+        values = np.stack([values, p.columns[metric.with_column]], axis=-1)
+    return values, (np.ones(len(p.ids)) if metric.weight is None else p.columns[metric.weight])
+
+
+def _present(values: np.ndarray) -> np.ndarray:
+    """The examples (the last axis of 1-D values, the one before it of rows) that have a value."""
+    return ~np.isnan(values) if values.ndim == 1 else ~np.isnan(values).any(axis=-1)
 
 
 def metric_estimate(metric: Metric, run: Predictions, ref: Predictions | None, bootstrap: dict[str, Any]) -> Estimate:
     """The metric over the run's examples that have a value; with the reference's aligned predictions, also the
     paired difference over the examples that have a value in both runs, and its interval."""
     values, weights = _values(metric, run)
-    present = ~np.isnan(values)
+    present = _present(values)
     if not present.any():
         return Estimate()
     value = metric.aggregate(values[present], weights[present])
     if ref is None:
         return Estimate(value)
     ref_values, ref_weights = _values(metric, ref)
-    both = present & ~np.isnan(ref_values)
+    both = present & _present(ref_values)
     if not both.any():
         return Estimate(value)
     return Estimate(value, *paired_bootstrap(values[both], ref_values[both], metric.aggregate,
@@ -504,7 +522,7 @@ def comparison_table(runs: Sequence[Run], reference: Run, *, n_resamples: int = 
             elif ref is not None and reference.numeric:
                 pairs = int(np.sum(parsed & ~np.isnan(ref.columns[MAE.column])))
         rows.append(Row(run.name, run.ablation, is_ref, len(ids) if p is not None else None,
-                        Estimate(run.eval_loss, eval_diff), estimates, unparsable, pairs))
+                        Estimate(run.eval_loss, eval_diff), estimates, unparsable, pairs, main=reference.main_metric))
     return rows
 
 
@@ -514,7 +532,8 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def _seed_matrix(metric: Metric, predictions: Sequence[Predictions]) -> tuple[np.ndarray, np.ndarray]:
-    """(seeds, examples) values (NaN: no value) and weights of one ablation's runs."""
+    """(seeds, examples) values (NaN: no value), or (seeds, examples, 2) rows of a RowStatistic, and weights of one
+    ablation's runs."""
     pairs = [_values(metric, p) for p in predictions]
     return np.stack([v for v, _ in pairs]), np.stack([w for _, w in pairs])
 
@@ -554,5 +573,5 @@ def seed_comparison(study: SeedStudy, reference: str, *, n_resamples: int = 2000
                                                n_resamples=n_resamples, confidence=confidence, seed=seed)
             estimates[metric.name] = Estimate(value, diff, *((None, None) if math.isnan(lo) else (lo, hi)))
         ablation_rows.append(Row(ablation, ablation, is_ref, rows[0].examples, eval_loss, estimates,
-                                 _mean([r.unparsable for r in rows]), seeds=study.seeds))
+                                 _mean([r.unparsable for r in rows]), seeds=study.seeds, main=rows[0].main))
     return ablation_rows, run_rows

@@ -139,6 +139,11 @@ class DeepSpeedChoices:
     cpu_checkpointing: bool = True
 
 
+# evaluation.answer_choices "auto": more distinct training targets than this are free text, not a closed answer set
+# (a 1-5 rating has 5, a genre a few dozen at most; each choice costs a forward per test example).
+MAX_AUTO_CHOICES = 20
+
+
 @dataclass
 class EvaluationConfig:
     """Test-set evaluation at the end of training (and with --do_eval_only)."""
@@ -147,6 +152,11 @@ class EvaluationConfig:
     max_test_examples: int | None = None
     # Greedy decoding stops at <end_of_turn>, or after this many new tokens.
     max_new_tokens: int = 32
+    # A closed answer set: each test example's choices are scored by the model's log-likelihood and the most likely
+    # one is the answer, instead of greedy generation (exact, and gives the probabilities AUC and expected ratings
+    # need). A list of the answers, e.g. ["no", "yes"] (every test target must be one); "auto": the distinct training
+    # targets when there are at most MAX_AUTO_CHOICES of them, else free generation; null: free generation.
+    answer_choices: Literal["auto"] | list[str] | None = None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import datasets
 
-from .config import Config, FieldNames, PromptConfig
+from .config import MAX_AUTO_CHOICES, Config, FieldNames, PromptConfig
 from .errors import UserError
 from .prompts import SECTIONS, PromptEncoder, included, prompt_length, shown_fields
 from .settings import DATA_EXTENSIONS
@@ -207,6 +207,7 @@ class Split:
     first_record: dict = field(default_factory=dict)
     first_history_items: int = 0
     content_hashes: list[str] = field(default_factory=list)  # content_hash of each example's record
+    locations: list[str] = field(default_factory=list)  # where each example's record is (file and line)
 
 
 def record_problems(records: list[dict], locations: list[str], prompt: PromptConfig,
@@ -241,7 +242,7 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more problems in {path}"] if len(problems) > 20 else [])
         raise UserError(shown)
-    examples, ids, targets, group_lengths, hashes = [], [], [], [], []
+    examples, ids, targets, group_lengths, hashes, kept_at = [], [], [], [], [], []
     first: tuple[dict, int] | None = None
     shortened = dropped = 0
     too_long: list[str] = []  # longer with the run's prompt than with the full prompt they were fitted on
@@ -265,13 +266,71 @@ def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> 
         ids.append(str(rec["id"]) if rec["id"] is not None else f"{split}:{i}")
         targets.append(rec["target"].strip())
         hashes.append(content_hash(rec))
+        kept_at.append(locations[i])
     if first is None:
         raise UserError(f"{path}: no record fits in training.max_length={encoder.max_length} even without history; "
                         "raise max_length.")
     if too_long:
         raise UserError(outgrown_problem(too_long, cfg.prompt, encoder))
     stats = split_stats(examples, ids, len(records), dropped, shortened)
-    return Split(examples, ids, targets, stats, group_lengths, *first, content_hashes=hashes)
+    return Split(examples, ids, targets, stats, group_lengths, *first, content_hashes=hashes, locations=kept_at)
+
+
+@dataclass(frozen=True)
+class AnswerChoices:
+    """The closed answer set of the test evaluation (evaluation.answer_choices resolved), and where it came from."""
+
+    choices: list[str] | None  # None: free generation
+    source: str  # "config.json", or what "auto" found
+
+    def record(self) -> dict:
+        """results.json's test.answer_choices."""
+        return {"choices": self.choices, "source": self.source}
+
+
+def _choice_order(choice: str) -> tuple:
+    """Numbers by value (a rating 1-5), other answers alphabetically ("no" before "yes": the second of two choices,
+    yes, is AUC's positive class)."""
+    number = _as_number(choice)
+    return (0, number, choice) if number is not None else (1, 0.0, choice)
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def resolve_answer_choices(setting: str | list[str] | None, train_targets: list[str] | None,
+                           test: Split | None) -> AnswerChoices | None:
+    """evaluation.answer_choices -> the choices the test evaluation scores, checked before the model loads: every test
+    target must be one of them (an error names each target's file and line otherwise). "auto": the distinct
+    training targets, ordered (numbers by value, else alphabetically), when there are at most MAX_AUTO_CHOICES of
+    them; else free generation. None when there is no test file."""
+    if test is None:
+        return None
+    if setting is None:
+        return AnswerChoices(None, "evaluation.answer_choices is null: free generation")
+    if setting == "auto":
+        distinct = sorted(set(train_targets or []), key=_choice_order)
+        if len(distinct) > MAX_AUTO_CHOICES:
+            return AnswerChoices(None, f"auto: {len(distinct)} distinct training targets, more than "
+                                       f"{MAX_AUTO_CHOICES}: free generation")
+        answers = AnswerChoices(distinct, f"auto: the {len(distinct)} distinct training targets")
+        fix = ("these targets are not among the training targets that evaluation.answer_choices \"auto\" "
+               "found; list the choices in config.json, or set answer_choices to null to generate answers")
+    else:
+        answers = AnswerChoices(list(setting), "config.json")
+        fix = "add these answers to evaluation.answer_choices in config.json, or fix the targets"
+    known = set(answers.choices)
+    missing = [f"{where}: target {target!r} is not one of the answer choices"
+               for where, target in zip(test.locations, test.targets, strict=True) if target not in known]
+    if missing:
+        shown = missing[:10] + ([f"... and {len(missing) - 10} more"] if len(missing) > 10 else [])
+        raise UserError([*shown, f"{fix} ({', '.join(map(repr, answers.choices[:10]))}"
+                                 f"{', ...' if len(answers.choices) > 10 else ''})."])
+    return answers
 
 
 def outgrown_problem(too_long: list[str], prompt: PromptConfig, encoder: PromptEncoder) -> str:

@@ -1,5 +1,6 @@
-"""Test-set evaluation: each example's target loss and greedy answer, sharded over the ranks in step (ZeRO-3 forwards
-are collective), then scored with the metrics of metrics.py on rank 0."""
+"""Test-set evaluation: each example's target loss and its answer (greedy generation, or with answer choices the most
+likely choice), sharded over the ranks in step (ZeRO-3 forwards are collective), then scored with the metrics of
+metrics.py on rank 0."""
 
 from __future__ import annotations
 
@@ -13,24 +14,49 @@ from transformers import GenerationConfig
 
 from .batching import SupervisedPositionsCollator
 from .config import Config
-from .data import Split
+from .data import AnswerChoices, Split
 from .metrics import score_predictions
-from .prompts import PromptEncoder, prompt_length
+from .prompts import IGNORE_INDEX, PromptEncoder, prompt_length
 
 logger = logging.getLogger(__name__)
 
 
-def target_losses(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean NLL over each row's target tokens, target tokens per row) for one collated batch. The logits are computed
-    only at the supervised positions, and no KV cache is built: nothing generates from this forward."""
+def target_nll_sums(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL over each row's target tokens, target tokens per row) for one collated batch. The logits are
+    computed only at the supervised positions, and no KV cache is built: nothing generates from this forward."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    logits_to_keep=batch["logits_to_keep"], use_cache=False).logits.float()
     nll = torch.nn.functional.cross_entropy(logits, batch["shift_labels"], reduction="none")
     rows = len(batch["input_ids"])
     row_of = batch["logits_to_keep"].nonzero()[:, 0]
     sums = torch.zeros(rows, device=nll.device).index_add_(0, row_of, nll)
-    counts = torch.bincount(row_of, minlength=rows)
+    return sums, torch.bincount(row_of, minlength=rows)
+
+
+def target_losses(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean NLL over each row's target tokens, target tokens per row) for one collated batch."""
+    sums, counts = target_nll_sums(model, batch)
     return sums / counts, counts
+
+
+def choice_rows(prompt: list[int], choice_ids: list[list[int]]) -> list[dict]:
+    """The prompt followed by each choice's tokens (its text and <end_of_turn>, as a training target), supervised on
+    the choice: one row per choice, as the collator takes them."""
+    return [{"input_ids": prompt + ids, "attention_mask": [1] * (len(prompt) + len(ids)),
+             "labels": [IGNORE_INDEX] * len(prompt) + ids} for ids in choice_ids]
+
+
+def choice_log_likelihoods(model: Any, collate: Any, prompts: list[list[int]], choice_ids: list[list[int]],
+                           batch_size: int, device: Any) -> torch.Tensor:
+    """(prompts, choices) summed log-likelihood of each choice's tokens after each prompt, in forwards of at most
+    batch_size rows (one row per (prompt, choice)), so memory stays that of an evaluation batch. The number of
+    forwards depends only on len(prompts), len(choice_ids) and batch_size: ranks given as many prompts stay in step."""
+    rows = [row for prompt in prompts for row in choice_rows(prompt, choice_ids)]
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
+        scores.append(-target_nll_sums(model, batch)[0].double())
+    return torch.cat(scores).view(len(prompts), len(choice_ids))
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, synced: bool,
@@ -54,10 +80,13 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
 
 
 def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[str], targets: list[str],
-                  batch_size: int, max_new_tokens: int, device: Any, end_of_turn_id: int) -> list[dict] | None:
-    """Per-example target loss and greedy answer for every example, sharded over the ranks. Every rank runs the
-    same number of batches (ZeRO-3 forwards are collective), padding its shard by repeating an example whose
-    result is then dropped. Returns the rows in input order on rank 0, None elsewhere."""
+                  batch_size: int, max_new_tokens: int, device: Any, end_of_turn_id: int,
+                  choices: list[str] | None = None, choice_ids: list[list[int]] | None = None) -> list[dict] | None:
+    """Per-example target loss and answer for every example, sharded over the ranks. The answer is the greedy one,
+    or with choices (their token ids in choice_ids) the most likely choice, with every choice's probability: the
+    softmax of the choices' summed log-likelihoods, so normalised over the set. Every rank runs the same number of
+    batches (ZeRO-3 forwards are collective), padding its shard by repeating an example whose result is then
+    dropped. Returns the rows in input order on rank 0, None elsewhere."""
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = math.ceil(len(examples) / world)
     shard = list(range(rank, len(examples), world))
@@ -73,10 +102,18 @@ def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[st
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
             losses, counts = target_losses(model, batch)
             prompts = [examples[i]["input_ids"][:prompt_length(examples[i])] for i in idx]
-            answers = generate_answers(model, tokenizer, prompts, max_new_tokens, world > 1, device, end_of_turn_id)
+            if choices:
+                probabilities = torch.softmax(choice_log_likelihoods(model, collate, prompts, choice_ids, batch_size,
+                                                                     device), dim=1).tolist()
+                answers = [choices[max(range(len(choices)), key=p.__getitem__)] for p in probabilities]
+            else:
+                answers = generate_answers(model, tokenizer, prompts, max_new_tokens, world > 1, device,
+                                           end_of_turn_id)
             for j, i in enumerate(idx):
                 rows.append({"index": i, "id": ids[i], "target": targets[i], "prediction": answers[j],
                              "loss": losses[j].item(), "target_tokens": int(counts[j])})
+                if choices:
+                    rows[-1]["choice_probabilities"] = dict(zip(choices, probabilities[j], strict=True))
     model.train(was_training)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, rows[:real])
@@ -88,18 +125,27 @@ def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[st
     return ordered
 
 
-def run_test_evaluation(model: Any, encoder: PromptEncoder, test: Split, cfg: Config,
-                        device: Any) -> tuple[dict, list[dict]] | None:
-    """Test loss, perplexity and greedy answers: (metrics, prediction rows) on rank 0, None elsewhere. `device` is
-    where the Trainer runs: under ZeRO-3 the parameters are placeholders that cannot say."""
+def run_test_evaluation(model: Any, encoder: PromptEncoder, test: Split, cfg: Config, device: Any,
+                        answer_choices: AnswerChoices | None = None) -> tuple[dict, list[dict]] | None:
+    """Test loss, perplexity and answers (greedy, or the most likely of the answer choices): (metrics, prediction
+    rows) on rank 0, None elsewhere. `device` is where the Trainer runs: under ZeRO-3 the parameters are placeholders
+    that cannot say."""
     n = min(len(test.examples), cfg.evaluation.max_test_examples or len(test.examples))
-    logger.info("Test evaluation: loss and greedy answers for %d of %d test examples.", n, len(test.examples))
+    choices = answer_choices.choices if answer_choices else None
+    logger.info("Test evaluation: loss and %s for %d of %d test examples.",
+                f"the likelihood of {len(choices)} answer choices" if choices else "greedy answers", n,
+                len(test.examples))
     rows = evaluate_test(model, encoder.tokenizer, test.examples[:n], test.ids[:n], test.targets[:n],
-                         cfg.training.eval_batch_size, cfg.evaluation.max_new_tokens, device, encoder.end_of_turn_id)
+                         cfg.training.eval_batch_size, cfg.evaluation.max_new_tokens, device, encoder.end_of_turn_id,
+                         choices, [encoder.target_ids(c) for c in choices] if choices else None)
     if rows is None:
         return None
-    metrics = score_predictions(rows, len(test.examples))
-    logger.info("Test: loss %.4f, perplexity %.3f, exact match %.3f%s", metrics["loss"], metrics["perplexity"],
-                metrics["exact_match"], f", MAE {metrics['mae']}, RMSE {metrics['rmse']}, "
-                f"{metrics['unparsable']} unparsable" if metrics["numeric"] else "")
+    metrics = score_predictions(rows, len(test.examples), choices)
+    if answer_choices is not None:
+        metrics["answer_choices"] = answer_choices.record()
+    shown = {k: metrics[k] for k in ("exact_match", "macro_f1", "auc", "mae", "rmse", "expected_mae",
+                                     "expected_rmse", "rouge1", "rougeL") if metrics.get(k) is not None}
+    logger.info("Test: loss %.4f, perplexity %.3f, %s%s; main metric %s", metrics["loss"], metrics["perplexity"],
+                ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+                f", {metrics['unparsable']} unparsable" if metrics["numeric"] else "", metrics["main_metric"])
     return metrics, rows

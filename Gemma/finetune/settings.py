@@ -266,6 +266,14 @@ def validate_config(cfg: Config, config_path: Path, sources: dict[str, str] | No
     need(e.max_test_examples is None or e.max_test_examples >= 1, "evaluation.max_test_examples",
          "must be at least 1, or null for the whole test file.")
     need(e.max_new_tokens >= 1, "evaluation.max_new_tokens", f"must be at least 1, got {e.max_new_tokens}.")
+    if isinstance(e.answer_choices, list):
+        choices = e.answer_choices
+        need(len(choices) >= 2, "evaluation.answer_choices", f"holds {len(choices)} choice(s); list at least two "
+                                                              "answers, \"auto\", or null to generate answers.")
+        need(all(c.strip() and c == c.strip() for c in choices), "evaluation.answer_choices",
+             "holds an empty choice or one with spaces around it; write each answer as the targets do (stripped).")
+        twice = sorted({c for c in choices if choices.count(c) > 1})
+        need(not twice, "evaluation.answer_choices", f"lists {', '.join(map(repr, twice))} more than once.")
     columns = [getattr(cfg.data.fields, f.name) for f in dataclasses.fields(cfg.data.fields)]
     for column in sorted({c for c in columns if columns.count(c) > 1}):
         fields = [f.name for f in dataclasses.fields(cfg.data.fields) if getattr(cfg.data.fields, f.name) == column]
