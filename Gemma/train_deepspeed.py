@@ -393,7 +393,7 @@ def evaluate_only(args: argparse.Namespace) -> Path:
 
 
 def evaluate_final_model(plan: RunPlan, args: argparse.Namespace, tokenizer: Any, encoder: Any, test: Any,
-                     runtime: Runtime) -> tuple[Any, dict]:
+                         runtime: Runtime) -> tuple[Any, dict]:
     """(test metrics and prediction rows on rank 0, DeepSpeed config): final/ loaded under DeepSpeed and evaluated."""
     from finetune import trainer as tr
     from finetune.evaluation import run_test_evaluation

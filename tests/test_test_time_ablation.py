@@ -163,3 +163,7 @@ def test_the_comparison_labels_the_row_and_keeps_it_apart_from_a_trained_run_of_
     refused = compare(str(study["trained"]), str(study["evaluated"]), "--reference", str(study["evaluated"]),
                       "--csv", str(out / "d.csv"), "--figure", str(out / "d.png"))
     assert refused.returncode == 2 and "the reference must be a trained run" in refused.stderr, refused.stderr
+    # without a profile_and_history trained run, the default reference is the first trained run, never the evaluation
+    default = compare(str(study["evaluated"]), str(trained_profile_only), "--csv", str(out / "e.csv"),
+                      "--figure", str(out / "e.png"))
+    assert default.returncode == 0 and "Reference: profile_only (profile_only)" in default.stderr, default.stderr
