@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -167,3 +168,45 @@ def test_the_comparison_labels_the_row_and_keeps_it_apart_from_a_trained_run_of_
     default = compare(str(study["evaluated"]), str(trained_profile_only), "--csv", str(out / "e.csv"),
                       "--figure", str(out / "e.png"))
     assert default.returncode == 0 and "Reference: profile_only (profile_only)" in default.stderr, default.stderr
+
+
+def test_in_a_study_of_several_seeds_test_time_evaluations_are_an_ablation_of_their_own(tmp_path):
+    """Hand-made runs (test_compare_ablations' formats): each seed's trained runs plus a test-time evaluation of each
+    seed's profile_and_history run with the profile_only prompt."""
+    import compare_ablations as ca
+    from finetune.comparison import choose_reference_ablation, load_runs, seed_comparison, seed_groups
+    from finetune.errors import UserError
+    from test_compare_ablations import seed_run
+
+    def test_time_run(seed: int, right: int) -> Path:
+        out = seed_run(tmp_path / "scratch", "profile_only", seed, right)
+        out = out.rename(tmp_path / f"profile_and_history-seed{seed}@test_time_profile_only")
+        results = read(out / RESULTS_NAME)
+        results["test_time_ablation"] = {"trained_run": str(tmp_path / f"profile_and_history-seed{seed}"),
+                                         "trained_ablation": "profile_and_history",
+                                         "evaluated_ablation": "profile_only", "model": "final"}
+        (out / RESULTS_NAME).write_text(json.dumps(results))
+        return out
+
+    label = "profile_only (test-time, trained: profile_and_history)"
+    dirs = [seed_run(tmp_path, a, s, right) for a, s, right in
+            [("profile_and_history", 1, 30), ("profile_and_history", 2, 30), ("profile_only", 1, 28),
+             ("profile_only", 2, 16)]]
+    runs = load_runs([*dirs, test_time_run(1, 20)])
+    with pytest.raises(UserError, match=re.escape(f"{label}: no run with seed 2")):
+        seed_groups(runs)  # a test-time evaluation of every seed, as for a trained ablation
+    runs = load_runs([*dirs, tmp_path / "profile_and_history-seed1@test_time_profile_only", test_time_run(2, 18)])
+    study = seed_groups(runs)
+    assert study.ablations == ("profile_and_history", "profile_only", label)
+    reference = choose_reference_ablation(runs, None)
+    assert reference == "profile_and_history"
+    with pytest.raises(UserError, match="the reference must be a trained run"):
+        choose_reference_ablation(runs, label)
+    ablation_rows, run_rows = seed_comparison(study, reference, n_resamples=200)
+    assert [(r.ablation, r.trained_ablation) for r in ablation_rows] == [
+        ("profile_and_history", None), ("profile_only", None), (label, "profile_and_history")]
+    assert ablation_rows[2].exact_match.value == pytest.approx((20 + 18) / 80)
+    ca.write_csv([*ablation_rows, *run_rows], tmp_path / "c.csv", 0.95)
+    rows = list(csv.DictReader((tmp_path / "c.csv").open()))
+    assert list(rows[0])[-2:] == ["test_time", "trained_ablation"]
+    assert [r["test_time"] for r in rows] == ["False", "False", "True"] * 3
