@@ -34,7 +34,8 @@ def prediction_rows(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def study(tiny_model, tmp_path_factory):
-    """A finished 2-step profile_and_history run, then its test-time evaluation with the profile_only prompt."""
+    """A finished 2-step profile_and_history run (1 process), then its test-time evaluation with the profile_only
+    prompt (2 ranks under accelerate launch, as the evaluation shards the test examples)."""
     root = tmp_path_factory.mktemp("test_time")
     data = root / "data"
     write_jsonl(data / "train.jsonl", make_records(32, seed=1))
@@ -49,7 +50,7 @@ def study(tiny_model, tmp_path_factory):
     before = snapshot(trained)
     evaluated = root / "profile_and_history@test_time_profile_only"
     proc = run_script(["--config", str(config), "--do_eval_only", "--test_time_ablation", str(trained),
-                       "--ablation_config", "profile_only", "--output_dir", str(evaluated)], processes=None)
+                       "--ablation_config", "profile_only", "--output_dir", str(evaluated)])  # 2 ranks
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"root": root, "config": config, "trained": trained, "evaluated": evaluated, "before": before}
 
