@@ -53,6 +53,11 @@ per-example values, from the resampled rows). The table shows eval loss, then th
 run without predictions.jsonl (no test file) is allowed when its results.json has no "test" section: it is compared
 on eval loss only and its test metric cells stay empty.
 
+Test-time ablations (train_deepspeed.py --do_eval_only --test_time_ablation): an evaluation directory is read like a
+run; its row's ablation is "<evaluated> (test-time, trained: <trained>)", so it is never grouped or confused with a
+trained run of the evaluated ablation, and the CSV gains the columns test_time and trained_ablation. It has no eval
+loss of its own. The reference must be a trained run.
+
 Several seeds: when some ablation has runs of more than one training.seed (read from resolved_config.json), the runs
 are grouped by ablation and seed, and the seed may differ between runs. Every ablation needs the same seeds with one
 run each (else the runs at fault are named and nothing is written). The output is then two tables: one row per
@@ -96,6 +101,9 @@ CSV_COLUMNS = ["run", "ablation", "reference", "test_examples",
                "unparsable", "numeric_pairs", "confidence"]
 # A study of several seeds: a row per ablation (seed empty, seeds = how many it averages), then a row per run
 SEED_CSV_COLUMNS = ["run", "ablation", "seed", "seeds", *CSV_COLUMNS[2:]]
+# Appended when some row is a test-time evaluation (train_deepspeed.py --test_time_ablation): true on its rows, with
+# the ablation its model was trained with
+TEST_TIME_CSV_COLUMNS = ["test_time", "trained_ablation"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -169,19 +177,23 @@ def seed_markdown(ablation_rows: Sequence[Row], run_rows: Sequence[Row], confide
 
 def write_csv(rows: Sequence[Row], path: Path, confidence: float) -> None:
     """One line per row with CSV_COLUMNS (value, diff, lo, hi per metric; empty where it does not apply); with
-    SEED_CSV_COLUMNS when the rows are a study of several seeds (ablation means, then runs)."""
+    SEED_CSV_COLUMNS when the rows are a study of several seeds (ablation means, then runs); TEST_TIME_CSV_COLUMNS
+    after them when some row is a test-time evaluation."""
     seeded = any(r.seed is not None or r.seeds is not None for r in rows)
+    test_time = any(r.trained_ablation is not None for r in rows)
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(SEED_CSV_COLUMNS if seeded else CSV_COLUMNS)
+            writer.writerow([*(SEED_CSV_COLUMNS if seeded else CSV_COLUMNS),
+                             *(TEST_TIME_CSV_COLUMNS if test_time else [])])
             for r in rows:
                 metrics = [getattr(r.estimate(m), part) for m in COLUMNS for part in ("value", "diff", "lo", "hi")]
                 seed = [r.seed, None if r.seeds is None else len(r.seeds)] if seeded else []
                 writer.writerow(["" if v is None else v for v in
                                  ["" if r.seeds is not None else r.run, r.ablation, *seed, r.reference, r.examples,
-                                  *metrics, r.unparsable, r.numeric_pairs, confidence]])
+                                  *metrics, r.unparsable, r.numeric_pairs, confidence,
+                                  *([r.trained_ablation is not None, r.trained_ablation] if test_time else [])]])
 
     write_atomic(path, write)
 
@@ -393,6 +405,11 @@ def compare(args: argparse.Namespace) -> None:
         reference_ablation = choose_reference_ablation(runs, args.reference)
         logger.info("Reference: %s; %d ablations x %d seeds (%s)", reference_ablation, len(study.ablations),
                     len(study.seeds), ", ".join(map(str, study.seeds)))
+    for r in runs:
+        if r.test_time is not None:
+            logger.info("%s: a test-time ablation, %s's final model evaluated with the %s prompt (not trained "
+                        "with it; no eval loss of its own).", r.name, r.test_time.get("trained_run"),
+                        r.test_time.get("evaluated_ablation"))
     ids = common_ids(runs)
     for r in runs:
         if r.predictions is not None and len(r.predictions.ids) > len(ids):

@@ -27,6 +27,10 @@ Launch (from the repository root):
     # evaluate a finished run's final/ model on the test file again, without training
     accelerate launch ... --output_dir Gemma/outputs/run1 --ablation_config profile_and_history --do_eval_only
 
+    # test-time ablation: run1's final/ evaluated with another prompt, into a new directory (run1 is not touched)
+    accelerate launch ... --do_eval_only --test_time_ablation Gemma/outputs/run1 --ablation_config profile_only \
+        --output_dir Gemma/outputs/run1@test_time_profile_only
+
     # will it fit? check everything and estimate memory per GPU for 4 x 80 GB, without weights or training
     python Gemma/train_deepspeed.py --config config.json --output_dir Gemma/outputs/run1 --dry_run \\
         --gpus_per_node 4 --gpu_memory_gib 80
@@ -65,6 +69,7 @@ from finetune.outputs import (DRY_RUN_DIRNAME, DS_CONFIG_DIRNAME, IDENTITY_NAME,
                               library_versions, planned_steps, read_results, test_set_of, warn_if_disk_is_short,
                               write_atomic, write_json_atomic, write_jsonl_atomic)
 from finetune.run_identity import resume_point, run_identity
+from finetune.test_time import TestTimeAblation
 from finetune.runtime import Runtime, configure_logging
 from finetune.settings import load_settings, local_or_hub, resolve_path
 
@@ -105,6 +110,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "update results.json and predictions.jsonl. Pass the run's --config and --ablation_config.")
     p.add_argument("--replace_test_set", action="store_true",
                    help="with --do_eval_only: replace the test results of another test set (recorded).")
+    p.add_argument("--test_time_ablation", type=Path, default=None, metavar="TRAINED_RUN",
+                   help="with --do_eval_only: evaluate TRAINED_RUN's final/ with --ablation_config's prompt (one it "
+                        "was not trained with) into a new --output_dir, labelled as a test-time ablation; "
+                        "TRAINED_RUN is not written.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config.json value, e.g. --set training.max_steps=20 (repeatable; JSON values).")
     plan = p.add_argument_group(
@@ -132,6 +141,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--allow_config_changes applies to --resume_from_checkpoint only.")
     if args.replace_test_set and not args.do_eval_only:
         p.error("--replace_test_set applies to --do_eval_only only.")
+    if args.test_time_ablation is not None and not args.do_eval_only:
+        p.error("--test_time_ablation evaluates a trained run: add --do_eval_only (a test-time ablation never "
+                "trains).")
+    if args.test_time_ablation is not None and args.replace_test_set:
+        p.error("--test_time_ablation writes into a new --output_dir, which has no test results to replace: "
+                "drop --replace_test_set.")
     return args
 
 
@@ -152,6 +167,7 @@ class RunPlan:
     identity: dict = field(default_factory=dict)  # run_identity.json: what this run is
     resume: str | None = None  # the checkpoint to continue from
     resume_changes: list[str] = field(default_factory=list)  # differences from the checkpoint's identity, allowed
+    test_time: TestTimeAblation | None = None  # --test_time_ablation: the trained run evaluated with this prompt
 
     def data_file(self, split: str) -> Path | None:
         name = getattr(self.cfg.data, f"{split}_file")
@@ -180,15 +196,21 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     output_dir = args.output_dir.resolve()
     model_path = local_or_hub(cfg.model.model_name_or_path, config_path.parent)
     tokenizer_path = local_or_hub(cfg.model.tokenizer_name_or_path or cfg.model.model_name_or_path, config_path.parent)
-    if args.do_eval_only:
+    test_time = None
+    if args.test_time_ablation is not None:  # checked before check_output_writable creates anything
+        test_time = TestTimeAblation.check(args.test_time_ablation, output_dir, cfg, ablation)
+        model_path = tokenizer_path = str(test_time.final)
+    elif args.do_eval_only:
         model_path = tokenizer_path = str(check_eval_only(output_dir, cfg))  # final/ holds the run's tokenizer
     elif not args.dry_run:  # a dry run writes only dry_run/, beside any run
         check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     check_output_writable(output_dir)
-    plan = RunPlan(cfg, config_path, ablation, custom_ds, output_dir, model_path, tokenizer_path)
+    plan = RunPlan(cfg, config_path, ablation, custom_ds, output_dir, model_path, tokenizer_path, test_time=test_time)
     files = {split: path for split in ("train", "validation", "test") if (path := plan.data_file(split))}
     plan.identity = run_identity(cfg, ablation, files, model_path, tokenizer_path,
                                  int(os.environ.get("WORLD_SIZE", "1")), library_versions())
+    if test_time is not None:
+        test_time.check_settings(plan.identity)
     if not (args.do_eval_only or args.dry_run):
         plan.resume, plan.resume_changes = resume_point(args.resume_from_checkpoint, output_dir, plan.identity,
                                                         args.allow_config_changes)
@@ -200,10 +222,10 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, Any, dict]:
-    """Tokenizer, prompt encoder (its fixed parts checked against max_length) and the named splits that have a file,
-    all before the model loads."""
-    from finetune.data import build_split, overlap, overlap_problems
+def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, Any, dict, Any]:
+    """Tokenizer, prompt encoder (its fixed parts checked against max_length), the named splits that have a file and
+    the answer choices the test evaluation scores (finetune.data.answer_choices_for), all before the model loads."""
+    from finetune.data import answer_choices_for, build_split, overlap, overlap_problems
     from finetune.prompts import PromptEncoder, load_tokenizer
 
     tokenizer = load_tokenizer(plan.tokenizer_path)
@@ -221,24 +243,7 @@ def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, Any, dict]
                         s.ids_sha256[:12])
     if (shared := overlap(splits)) and not plan.cfg.data.allow_overlap:
         raise UserError(overlap_problems(shared))
-    return tokenizer, encoder, splits
-
-
-def plan_answer_choices(plan: RunPlan, splits: dict) -> Any:
-    """evaluation.answer_choices resolved against the data ("auto": the training file's distinct targets) and checked
-    against the test targets, before the model loads; None without choices or without a test file."""
-    from finetune.data import read_records, resolve_answer_choices
-
-    setting, path = plan.cfg.evaluation.answer_choices, plan.data_file("train")
-    train_targets = None
-    if setting == "auto" and "test" in splits:
-        train_targets = [r["target"].strip() for r in read_records(path, plan.cfg.data.fields)
-                         if isinstance(r["target"], str) and r["target"].strip()]
-    answers = resolve_answer_choices(setting, train_targets, splits.get("test"))
-    if setting is not None and answers is not None:
-        logger.info("Answer choices (%s): %s", answers.source,
-                    "free generation" if answers.choices is None else ", ".join(map(repr, answers.choices)))
-    return answers
+    return tokenizer, encoder, splits, answer_choices_for(plan.cfg, plan.data_file("train"), splits.get("test"))
 
 
 def deepspeed_config_for(plan: RunPlan, model_config: Any, split: Any, hardware: Any = None) -> tuple[dict, Any]:
@@ -253,8 +258,8 @@ def deepspeed_config_for(plan: RunPlan, model_config: Any, split: Any, hardware:
     memory = None
     if hardware is not None or (plan.custom_ds is None and "auto" in (choices.offload_optimizer,
                                                                       choices.offload_params)):
-        memory = plan_memory_for_split(model_shape(model_config, plan.cfg.lora), plan.cfg, hardware or detect_hardware(),
-                                       split.stats, use_padding_free(plan.cfg))
+        memory = plan_memory_for_split(model_shape(model_config, plan.cfg.lora), plan.cfg,
+                                       hardware or detect_hardware(), split.stats, use_padding_free(plan.cfg))
         if hardware is None:
             logger.info("Offload \"auto\": optimizer %s, parameters %s (%s).", memory.offload_optimizer,
                         memory.offload_params, memory.reason)
@@ -299,8 +304,7 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> Path:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with (OutputLock(plan.output_dir, held_here=rank0),
           PreviousRun(plan.output_dir, replacing=args.overwrite_output_dir and rank0) as previous):
-        tokenizer, encoder, splits = prepare_data(plan, ("train", "validation", "test"))
-        answers = plan_answer_choices(plan, splits)
+        tokenizer, encoder, splits, answers = prepare_data(plan, ("train", "validation", "test"))
         with Runtime.start(plan.cfg.model.dtype) as runtime:
             from finetune import trainer as tr
             from finetune.evaluation import run_test_evaluation
@@ -354,40 +358,59 @@ def build_training(plan: RunPlan, args: argparse.Namespace, tokenizer: Any, spli
 
 def evaluate_only(args: argparse.Namespace) -> Path:
     """--do_eval_only: the test-set evaluation of a finished run's final/ model, with the prompt it was trained
-    with; results.json keeps the training results and gets a new test section, which says which test set it is."""
+    with; results.json keeps the training results and gets a new test section, which says which test set it is.
+    With --test_time_ablation, the trained run's final/ with another ablation's prompt, into a directory of its own
+    (finetune/test_time.py)."""
     started, plan = time.time(), plan_run(args)
+    resolved = plan.resolved_config(args, plan.output_dir / DS_CONFIG_DIRNAME / deepspeed_config_filename(
+        args.deepspeed_config))  # before LoRA is turned off below: the settings the run was trained with
     plan.cfg = dataclasses.replace(plan.cfg, lora=LoraConfig())  # a LoRA run's final/ is merged: no adapters to add
     with OutputLock(plan.output_dir, held_here=int(os.environ.get("RANK", "0")) == 0):
-        tokenizer, encoder, splits = prepare_data(plan, ("test",))
-        answers = plan_answer_choices(plan, splits)
+        tokenizer, encoder, splits, answers = prepare_data(plan, ("test",))
         test = splits["test"]
         test_set = {**plan.test_set(test), "evaluated": f"--do_eval_only, {time.strftime('%Y-%m-%d %H:%M')}"}
-        check_same_test_set(plan.output_dir, test_set, args.replace_test_set)
+        if plan.test_time is not None:
+            test_set["evaluated"] += f", test-time ablation of {plan.test_time.trained_run}"
+            plan.test_time.check_test_set(test_set)
+        else:
+            check_same_test_set(plan.output_dir, test_set, args.replace_test_set)
         with Runtime.start(plan.cfg.model.dtype) as runtime:
-            from finetune import trainer as tr
-            from finetune.evaluation import run_test_evaluation
-            from finetune.modeling import load_model_config
-            from finetune.preflight import check_before_loading
-
-            model_config = load_model_config(plan.model_path)
-            ds_config, _ = deepspeed_config_for(plan, model_config, test)
-            training_args = tr.build_training_arguments(plan.cfg, plan.output_dir, ds_config, False, runtime)
-            check_before_loading(plan.cfg, ds_config, training_args, model_config, 1, args.deepspeed_config)
-            runtime.phase("loading the model")
-            trainer = tr.build_trainer(plan.cfg, plan.model_path, training_args, ds_config, tokenizer, {})
-            runtime.phase("starting DeepSpeed (its engine; a first run on a machine also compiles its ops)")
-            # The Trainer builds the DeepSpeed inference engine on its first evaluation; one example per rank does.
-            trainer.evaluate(tr.as_dataset(test.examples[:training_args.world_size]))
-            runtime.phase(None)
-            tested = run_test_evaluation(trainer.model, encoder, test, plan.cfg, training_args.device, answers)
+            tested, ds_config = evaluate_final_model(plan, args, tokenizer, encoder, test, runtime, answers)
             if runtime.rank == 0:
-                results = read_results(plan.output_dir)
-                if (replaced := test_set_of(results)) and replaced.get("ids_sha256") != test_set["ids_sha256"]:
-                    test_set["replaced"] = replaced  # --replace_test_set: what these results replace
-                results.setdefault("examples", {})["test"] = dataclasses.asdict(test.stats)
+                if plan.test_time is not None:  # a new directory: the evaluation's own files, nothing of the run
+                    results = plan.test_time.results(dataclasses.asdict(test.stats), plan.identity["model"])
+                    write_json_atomic(Path(resolved["deepspeed_config_file"]), ds_config)
+                    write_json_atomic(plan.output_dir / RESOLVED_CONFIG_NAME,
+                                      plan.test_time.resolved_config(resolved))
+                else:
+                    results = read_results(plan.output_dir)
+                    if (replaced := test_set_of(results)) and replaced.get("ids_sha256") != test_set["ids_sha256"]:
+                        test_set["replaced"] = replaced  # --replace_test_set: what these results replace
+                    results.setdefault("examples", {})["test"] = dataclasses.asdict(test.stats)
                 write_results(plan.output_dir, results, tested, test_set)
                 logger.info("Done in %.0f s. Results: %s", time.time() - started, plan.output_dir / RESULTS_NAME)
     return plan.output_dir
+
+
+def evaluate_final_model(plan: RunPlan, args: argparse.Namespace, tokenizer: Any, encoder: Any, test: Any,
+                         runtime: Runtime, answers: Any) -> tuple[Any, dict]:
+    """(test metrics and prediction rows on rank 0, DeepSpeed config): final/ loaded under DeepSpeed and evaluated."""
+    from finetune import trainer as tr
+    from finetune.evaluation import run_test_evaluation
+    from finetune.modeling import load_model_config
+    from finetune.preflight import check_before_loading
+
+    model_config = load_model_config(plan.model_path)
+    ds_config, _ = deepspeed_config_for(plan, model_config, test)
+    training_args = tr.build_training_arguments(plan.cfg, plan.output_dir, ds_config, False, runtime)
+    check_before_loading(plan.cfg, ds_config, training_args, model_config, 1, args.deepspeed_config)
+    runtime.phase("loading the model")
+    trainer = tr.build_trainer(plan.cfg, plan.model_path, training_args, ds_config, tokenizer, {})
+    runtime.phase("starting DeepSpeed (its engine; a first run on a machine also compiles its ops)")
+    # The Trainer builds the DeepSpeed inference engine on its first evaluation; one example per rank does.
+    trainer.evaluate(tr.as_dataset(test.examples[:training_args.world_size]))
+    runtime.phase(None)
+    return run_test_evaluation(trainer.model, encoder, test, plan.cfg, training_args.device, answers), ds_config
 
 
 def dry_run(args: argparse.Namespace) -> Path:
@@ -402,8 +425,7 @@ def dry_run(args: argparse.Namespace) -> Path:
         from finetune.modeling import load_model_config
 
         cfg, t = plan.cfg, plan.cfg.training
-        _, encoder, splits = prepare_data(plan, ("train", "validation", "test"))
-        plan_answer_choices(plan, splits)
+        _, encoder, splits, _ = prepare_data(plan, ("train", "validation", "test"))
         hardware = detect_hardware(*(getattr(args, k) for k in HARDWARE_FLAGS))
         model_config = load_model_config(plan.model_path)
         ds_config, memory = deepspeed_config_for(plan, model_config, splits["train"], hardware)

@@ -19,12 +19,16 @@ from .bootstrap import paired_bootstrap, seed_example_bootstrap
 from .errors import UserError
 from .metrics import BY_NAME, EVERY_TASK_COLUMNS, MAE, METRICS, Metric, RowStatistic, main_metric
 from .outputs import IDENTITY_NAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME
+from .test_time import RESULTS_KEY as TEST_TIME_KEY
+from .test_time import label as test_time_label
 
 DEFAULT_REFERENCE_ABLATION = "profile_and_history"  # the full prompt: every other ablation removes something from it
 # resolved_config.json keys that may differ between the runs of one ablation study (a key covers everything below it)
 IGNORED_CONFIG_KEYS = frozenset({
     "prompt", "ablation", "cli.output_dir", "cli.ablation_config", "cli.resume_from_checkpoint",
     "cli.overwrite_output_dir", "deepspeed_config_file",
+    # a test-time evaluation (test_time.py) differs from the trained runs in how it was launched and what it loaded
+    "cli.do_eval_only", "cli.test_time_ablation", "evaluated_model",
 })
 # --set overrides of these sections refine the ablation, so cli.overrides is compared without them
 ABLATION_OVERRIDE_PREFIXES = ("prompt.",)
@@ -68,6 +72,9 @@ class Run:
     eval_curve: list[tuple[int, float]]  # (step, eval_loss) from log_history
     config: dict[str, Any]
     predictions: Predictions | None  # None: the run had no test file
+    # A test-time evaluation (results.json's test_time_ablation: trained_run, trained_ablation, evaluated_ablation);
+    # its ablation is then the label "<evaluated> (test-time, trained: <trained>)". None: a trained run.
+    test_time: dict | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -179,10 +186,13 @@ def load_run(run_dir: Path) -> Run:
         if len(predictions.ids) != generated:
             raise UserError(f"{predictions_path}: {len(predictions.ids)} predictions, but {RESULTS_NAME} says "
                             f"test.generated={generated}; is the file truncated?")
-    return Run(path=run_dir, name=run_dir.resolve().name, ablation=_field(results, "ablation", str, where),
+    ablation, test_time = _field(results, "ablation", str, where), None
+    if TEST_TIME_KEY in results:
+        test_time = _field(results, TEST_TIME_KEY, dict, where)
+        ablation = test_time_label(ablation, _field(test_time, "trained_ablation", str, f"{where}: {TEST_TIME_KEY}"))
+    return Run(path=run_dir, name=run_dir.resolve().name, ablation=ablation,
                numeric=numeric, main_metric=main, examples=examples, eval_loss=eval_loss,
-               eval_curve=sorted(curve.items()),
-               config=config, predictions=predictions)
+               eval_curve=sorted(curve.items()), config=config, predictions=predictions, test_time=test_time)
 
 
 def common_parent(paths: Sequence[Path]) -> Path:
@@ -323,14 +333,15 @@ def choose_reference(runs: Sequence[Run], wanted: str | None) -> Run:
     the first run."""
     if wanted is None:
         full = [r for r in runs if r.ablation == DEFAULT_REFERENCE_ABLATION]
-        return full[0] if full else runs[0]
+        trained = [r for r in runs if r.test_time is None]
+        return full[0] if full else check_trained_reference((trained or runs)[0])
     if Path(wanted).is_dir():
         by_path = [r for r in runs if r.path.resolve() == Path(wanted).resolve()]
         if by_path:
-            return by_path[0]
+            return check_trained_reference(by_path[0])
     matches = [r for r in runs if r.name == wanted] or [r for r in runs if r.ablation == wanted]
     if len(matches) == 1:
-        return matches[0]
+        return check_trained_reference(matches[0])
     choices = ", ".join(r.name for r in runs)
     if matches:
         raise UserError(f"--reference {wanted}: {len(matches)} runs have that ablation; name one run: {choices}.")
@@ -338,11 +349,19 @@ def choose_reference(runs: Sequence[Run], wanted: str | None) -> Run:
                     "an ablation name.")
 
 
+def check_trained_reference(run: Run) -> Run:
+    """The reference is a trained run: a test-time evaluation is what is compared with it, never the yardstick."""
+    if run.test_time is not None:
+        raise UserError(f"--reference {run.name}: a test-time evaluation ({run.ablation}); the reference must be a "
+                        "trained run, e.g. the trained run it evaluated.")
+    return run
+
+
 def choose_reference_ablation(runs: Sequence[Run], wanted: str | None) -> str:
     """For a study of several seeds: the reference ablation, from --reference as an ablation name, or as a run
     directory or run name (its ablation); by default profile_and_history, else the first run's ablation."""
     if wanted is not None and wanted in {r.ablation for r in runs}:
-        return wanted
+        return check_trained_reference(next(r for r in runs if r.ablation == wanted)).ablation
     return choose_reference(runs, wanted).ablation
 
 
@@ -438,6 +457,7 @@ class Row:
     seed: int | None = None  # a run's row in a study of several seeds: its training seed
     seeds: tuple[int, ...] | None = None  # an ablation's row in a study of several seeds: the seeds it averages
     main: str = "exact_match"  # the reference run's main metric (Metric.name): the comparison shows it first
+    trained_ablation: str | None = None  # a test-time evaluation's row: the ablation its model was trained with
 
     def __getattr__(self, name: str) -> Estimate:
         metrics = self.__dict__.get("metrics", {})
@@ -522,7 +542,8 @@ def comparison_table(runs: Sequence[Run], reference: Run, *, n_resamples: int = 
             elif ref is not None and reference.numeric:
                 pairs = int(np.sum(parsed & ~np.isnan(ref.columns[MAE.column])))
         rows.append(Row(run.name, run.ablation, is_ref, len(ids) if p is not None else None,
-                        Estimate(run.eval_loss, eval_diff), estimates, unparsable, pairs, main=reference.main_metric))
+                        Estimate(run.eval_loss, eval_diff), estimates, unparsable, pairs, main=reference.main_metric,
+                        trained_ablation=run.test_time and run.test_time["trained_ablation"]))
     return rows
 
 
@@ -573,5 +594,6 @@ def seed_comparison(study: SeedStudy, reference: str, *, n_resamples: int = 2000
                                                n_resamples=n_resamples, confidence=confidence, seed=seed)
             estimates[metric.name] = Estimate(value, diff, *((None, None) if math.isnan(lo) else (lo, hi)))
         ablation_rows.append(Row(ablation, ablation, is_ref, rows[0].examples, eval_loss, estimates,
-                                 _mean([r.unparsable for r in rows]), seeds=study.seeds, main=rows[0].main))
+                                 _mean([r.unparsable for r in rows]), seeds=study.seeds, main=rows[0].main,
+                                 trained_ablation=rows[0].trained_ablation))
     return ablation_rows, run_rows

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from .config import MAX_AUTO_CHOICES, Config, FieldNames, PromptConfig
 from .errors import UserError
 from .prompts import SECTIONS, PromptEncoder, included, prompt_length, shown_fields
 from .settings import DATA_EXTENSIONS
+
+logger = logging.getLogger(__name__)
 
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(FieldNames))
 
@@ -330,6 +333,20 @@ def resolve_answer_choices(setting: str | list[str] | None, train_targets: list[
         shown = missing[:10] + ([f"... and {len(missing) - 10} more"] if len(missing) > 10 else [])
         raise UserError([*shown, f"{fix} ({', '.join(map(repr, answers.choices[:10]))}"
                                  f"{', ...' if len(answers.choices) > 10 else ''})."])
+    return answers
+
+
+def answer_choices_for(cfg: Config, train_file: Path, test: Split | None) -> AnswerChoices | None:
+    """evaluation.answer_choices resolved against the data ("auto": the training file's distinct targets) and checked
+    against the test targets (resolve_answer_choices), logged; None without a test file."""
+    setting, train_targets = cfg.evaluation.answer_choices, None
+    if setting == "auto" and test is not None:
+        train_targets = [r["target"].strip() for r in read_records(train_file, cfg.data.fields)
+                         if isinstance(r["target"], str) and r["target"].strip()]
+    answers = resolve_answer_choices(setting, train_targets, test)
+    if setting is not None and answers is not None:
+        logger.info("Answer choices (%s): %s", answers.source,
+                    "free generation" if answers.choices is None else ", ".join(map(repr, answers.choices)))
     return answers
 
 

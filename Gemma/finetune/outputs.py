@@ -225,7 +225,9 @@ def check_eval_only(output_dir: Path, cfg: Config) -> Path:
         trained_prompt = json.loads(resolved.read_text(encoding="utf-8")).get("prompt")
         if trained_prompt != dataclasses.asdict(cfg.prompt):
             problems.append(f"{resolved}: the run was trained with prompt {trained_prompt}, not "
-                            f"{dataclasses.asdict(cfg.prompt)}; pass the run's --ablation_config.")
+                            f"{dataclasses.asdict(cfg.prompt)}; pass the run's --ablation_config, or, to evaluate "
+                            f"it with this prompt at test time, add --test_time_ablation {output_dir} and a new "
+                            "--output_dir for the evaluation (README: Test-time ablation).")
     if problems:
         raise UserError(problems)
     return final
