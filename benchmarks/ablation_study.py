@@ -5,6 +5,7 @@ settings below), compares them with paired bootstrap intervals, prints the table
 and the wall time, in benchmarks/results/ablation_study.md. Expected: profile_and_history best, query_only worst.
 
     .venv/bin/python benchmarks/ablation_study.py [--output_dir Gemma/outputs/study_demo] [--num_processes 2]
+        [--seeds 1 2]   # every ablation once per seed (run_study.py --seeds): means over seeds, seed-and-example CIs
 
 A finished ablation in --output_dir is reused (rerun after an interruption to continue); delete the directory to
 measure from scratch.
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", type=Path, default=REPO / "Gemma" / "outputs" / "study_demo")
     p.add_argument("--num_processes", type=int, default=2)
     p.add_argument("--record", type=Path, default=REPO / "benchmarks" / "results" / "ablation_study.md")
+    p.add_argument("--seeds", nargs="+", default=None, metavar="SEED",
+                   help="train every ablation once per seed (passed to run_study.py --seeds)")
     args = p.parse_args(argv)
 
     started = time.time()
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
            "--output_dir", str(args.output_dir), "--num_processes", str(args.num_processes)]
     for item in STUDY_SETTINGS:
         cmd += ["--set", item]
+    if args.seeds:
+        cmd += ["--seeds", *args.seeds]
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         return 1
     wall = time.time() - started
