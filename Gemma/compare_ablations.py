@@ -85,7 +85,7 @@ import numpy as np
 from finetune.comparison import (DEFAULT_REFERENCE_ABLATION, Row, Run, check_comparable, check_output_path,
                                  choose_reference, choose_reference_ablation, common_ids, common_parent,
                                  comparison_table, load_runs, run_paths, seed_comparison, seed_groups)
-from finetune.errors import EXIT_INTERRUPTED, UserError
+from finetune.errors import EXIT_INTERRUPTED, UserError, positive_int
 from finetune.metrics import BY_NAME, EVERY_TASK_COLUMNS, METRICS
 from finetune.outputs import RESOLVED_CONFIG_NAME, write_atomic
 
@@ -336,12 +336,6 @@ def plot_against(runs: Sequence[Run], rows: Sequence[Row], key: str, path: Path,
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
 def _confidence(text: str) -> float:
     try:
         value = float(text)
@@ -363,7 +357,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"CSV output (default: <common parent of the runs>/{DEFAULT_CSV_NAME}).")
     p.add_argument("--figure", type=Path, metavar="PATH",
                    help=f"PNG output (default: <common parent of the runs>/{DEFAULT_FIGURE_NAME}).")
-    p.add_argument("--bootstrap", type=_positive_int, default=2000, metavar="N",
+    p.add_argument("--bootstrap", type=positive_int, default=2000, metavar="N",
                    help="bootstrap resamples (default: 2000; more give steadier interval ends).")
     p.add_argument("--confidence", type=_confidence, default=0.95, help="interval level (default: 0.95).")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed: the same seed gives the same intervals.")

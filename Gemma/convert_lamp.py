@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import UserError
+from finetune.errors import UserError, positive_int
 from finetune.outputs import SPLIT_FILES, check_split_files, write_splits
 
 DROPPED_FIELDS = ("id", "date")
@@ -210,13 +210,6 @@ def convert(files: dict[str, SplitFiles], history_items: int, validation_size: i
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from finetune.errors import UserError
+from finetune.errors import UserError, positive_int
 from finetune.outputs import SPLIT_FILES, check_split_files, write_splits
 
 T = TypeVar("T")
@@ -317,13 +317,6 @@ def split_records(data: MovieLens, split: str, history_items: int, train_per_use
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

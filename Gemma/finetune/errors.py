@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 EXIT_USER_ERROR = 2  # a problem in the config, data or flags: the message says how to fix it
 EXIT_DIVERGED = 3  # the loss or gradient norm became NaN or infinite
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
@@ -25,3 +27,10 @@ class TrainingStopped(UserError):
     def __init__(self, problems: str | list[str], exit_code: int):
         super().__init__(problems)
         self.exit_code = exit_code
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the tools' count flags: a whole number of at least 1, else a usage error naming the value."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
