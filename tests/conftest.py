@@ -39,6 +39,10 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
 def write_config(path: Path, model_dir: Path, data_dir: Path, **sections) -> Path:
     """A config.json for the tiny model; keyword arguments update whole sections, e.g. training={...}."""
     cfg = {

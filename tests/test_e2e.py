@@ -12,16 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_script, write_config
+from conftest import REPO, read_json, run_script, write_config
 from finetune.config import FieldNames, PromptConfig
 from finetune.data import read_records
 from finetune.outputs import (DS_CONFIG_DIRNAME, FINAL_DIRNAME, GENERATED_DS_CONFIG_NAME, PREDICTIONS_NAME,
                               RESOLVED_CONFIG_NAME, RESULTS_NAME)
 from finetune.prompts import IGNORE_INDEX, PromptEncoder
-
-
-def read(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def validation_loss(model_dir: Path, tokenizer_dir: Path, data_file: Path) -> float:
@@ -60,7 +56,7 @@ def finished_run(tiny_model, tmp_path_factory):
 
 
 def test_run_used_deepspeed_zero3_with_offload_on_two_ranks(finished_run):
-    results = read(finished_run["out"] / RESULTS_NAME)
+    results = read_json(finished_run["out"] / RESULTS_NAME)
     assert results["deepspeed"] == {
         "engine": "DeepSpeedEngine", "zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu",
         "bf16": True, "optimizer": "DeepSpeedZeroOptimizer_Stage3", "base_optimizer": "DeepSpeedCPUAdam",
@@ -76,7 +72,7 @@ def test_run_used_deepspeed_zero3_with_offload_on_two_ranks(finished_run):
 
 def test_loss_fell_and_outputs_are_complete(finished_run):
     out = finished_run["out"]
-    results = read(out / RESULTS_NAME)
+    results = read_json(out / RESULTS_NAME)
     assert results["global_step"] == 12
     assert results["last_train_loss"] < results["first_train_loss"] - 0.5
     assert results["eval"]["eval_loss"] < results["first_eval_loss"] + 1e-9
@@ -87,9 +83,9 @@ def test_loss_fell_and_outputs_are_complete(finished_run):
     assert {"torch", "transformers", "deepspeed", "accelerate", "datasets"} <= results["versions"].keys()
     assert any("eval_loss" in h for h in results["log_history"][:-1])  # evaluated during training too
 
-    ds = read(out / DS_CONFIG_DIRNAME / GENERATED_DS_CONFIG_NAME)
+    ds = read_json(out / DS_CONFIG_DIRNAME / GENERATED_DS_CONFIG_NAME)
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == "auto"
-    resolved = read(out / RESOLVED_CONFIG_NAME)
+    resolved = read_json(out / RESOLVED_CONFIG_NAME)
     assert resolved["ablation"]["name"] == "profile_and_history"
     assert resolved["training"]["max_steps"] == 12 and resolved["prompt"]["include_history"] is True
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
@@ -97,7 +93,7 @@ def test_loss_fell_and_outputs_are_complete(finished_run):
 
 
 def test_throughput_and_batching_are_recorded(finished_run):
-    results = read(finished_run["out"] / RESULTS_NAME)
+    results = read_json(finished_run["out"] / RESULTS_NAME)
     assert results["batching"] == {"padding_free": False, "group_by_length": True}
     speed = results["throughput"]
     assert speed["steps"] == 12 and 0 < speed["seconds_per_step"] and speed["tokens_per_second"] > 0
@@ -126,7 +122,7 @@ def test_padding_free_under_zero3_gives_the_padded_first_step_loss(tiny_model, t
         out = tmp_path / f"run_{padding_free}"
         proc = run_script(["--config", str(config), "--output_dir", str(out)])
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        results[padding_free] = read(out / RESULTS_NAME)
+        results[padding_free] = read_json(out / RESULTS_NAME)
     padded, flat = results[False], results[True]
     assert flat["batching"]["padding_free"] and flat["throughput"]["padding_efficiency"] == 1.0
     assert padded["throughput"]["padding_efficiency"] < 1.0
@@ -143,7 +139,7 @@ def test_test_set_is_evaluated_with_predictions_for_every_example(finished_run):
     rows = [json.loads(line) for line in lines]
     assert [r["id"] for r in rows] == [f"t{i:04d}" for i in range(11)]  # one line each, in file order
     assert all(r["loss"] > 0 and r["target_tokens"] >= 2 and isinstance(r["prediction"], str) for r in rows)
-    test = read(out / RESULTS_NAME)["test"]
+    test = read_json(out / RESULTS_NAME)["test"]
     assert test["examples"] == test["generated"] == 11 and test["numeric"] is False
     weighted = sum(r["loss"] * r["target_tokens"] for r in rows) / sum(r["target_tokens"] for r in rows)
     assert test["loss"] == pytest.approx(weighted) and test["perplexity"] == pytest.approx(math.exp(weighted))
@@ -156,11 +152,11 @@ def test_test_set_is_evaluated_with_predictions_for_every_example(finished_run):
 def test_eval_only_rescores_a_finished_run(finished_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(finished_run["out"], out, ignore=shutil.ignore_patterns("checkpoint-*"))
-    before = read(out / RESULTS_NAME)
+    before = read_json(out / RESULTS_NAME)
     proc = run_script(["--config", str(finished_run["config"]), "--output_dir", str(out), "--do_eval_only",
                        "--set", "evaluation.max_test_examples=5"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    after = read(out / RESULTS_NAME)
+    after = read_json(out / RESULTS_NAME)
     assert after["test"]["generated"] == 5 and after["test"]["examples"] == 11
     assert len((out / PREDICTIONS_NAME).read_text().splitlines()) == 5
     assert after["train"] == before["train"] and after["log_history"] == before["log_history"]
@@ -198,7 +194,7 @@ def test_final_model_reloads_and_beats_the_initial_weights(finished_run, tiny_mo
     trained = validation_loss(final, final, val)
     initial = validation_loss(tiny_model, tiny_model, val)
     assert trained < initial - 0.5, (trained, initial)
-    assert read(final / "config.json")["use_cache"] is True
+    assert read_json(final / "config.json")["use_cache"] is True
 
 
 def test_resume_from_mid_run_checkpoint_reaches_the_same_end(finished_run, tmp_path):
@@ -209,7 +205,7 @@ def test_resume_from_mid_run_checkpoint_reaches_the_same_end(finished_run, tmp_p
     proc = run_script(["--config", str(finished_run["config"]), "--output_dir", str(out),
                        "--resume_from_checkpoint", "auto"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    resumed, full = read(out / RESULTS_NAME), read(src / RESULTS_NAME)
+    resumed, full = read_json(out / RESULTS_NAME), read_json(src / RESULTS_NAME)
     assert resumed["resumed_from"].endswith("checkpoint-6")
     assert resumed["global_step"] == full["global_step"] == 12
     assert resumed["last_train_loss"] == pytest.approx(full["last_train_loss"], abs=1e-2)
@@ -223,7 +219,7 @@ def test_plain_python_runs_a_single_process(tiny_model, data_dir, tmp_path):
     proc = run_script(["--config", str(config), "--ablation_config", "query_only", "--output_dir", str(out)],
                       processes=None)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    results = read(out / RESULTS_NAME)
+    results = read_json(out / RESULTS_NAME)
     assert results["world_size"] == 1 and results["deepspeed"]["zero_stage"] == 3
     assert results["global_step"] == 2 and results["ablation"] == "query_only"
 
@@ -243,7 +239,7 @@ def test_real_gemma_3_270m_trains_a_few_steps(tmp_path):
         "--set", "evaluation.max_new_tokens=4",
     ], timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    results = read(out / RESULTS_NAME)
+    results = read_json(out / RESULTS_NAME)
     assert results["global_step"] == 3 and results["deepspeed"]["zero_stage"] == 3
     losses = [h["loss"] for h in results["log_history"] if "loss" in h]
     # The base model has never seen <end_of_turn> after text (about 33 nats on that token): loss starts high, falls fast.
@@ -275,7 +271,7 @@ def test_main_takes_extra_trainer_callbacks(tiny_model, data_dir, tmp_path):
                           env=script_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert json.loads(record.read_text()) == [1, 2]
-    assert read(out / RESULTS_NAME)["global_step"] == 2
+    assert read_json(out / RESULTS_NAME)["global_step"] == 2
 
 
 def test_final_model_answers_through_a_chat_pipeline_as_in_predictions(finished_run):
@@ -289,7 +285,7 @@ def test_final_model_answers_through_a_chat_pipeline_as_in_predictions(finished_
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert tokenizer.chat_template  # written although the base tokenizer had none
     eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    assert eot in read(final / "generation_config.json")["eos_token_id"]
+    assert eot in read_json(final / "generation_config.json")["eos_token_id"]
     encoder = PromptEncoder(tokenizer, 128)  # the run's max_length
     generate = pipeline("text-generation", model=str(final), tokenizer=tokenizer, device="cpu")
     records = read_records(finished_run["data"] / "test.jsonl", FieldNames())

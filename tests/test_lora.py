@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_records, run_script, write_config, write_jsonl
+from conftest import make_records, read_json, run_script, write_config, write_jsonl
 from finetune.config import (Config, DataConfig, DeepSpeedChoices, LoraConfig, ModelConfig, TrainingConfig)
 from finetune.modeling import load_model_config, meta_model
 from finetune.outputs import ADAPTER_DIRNAME, FINAL_DIRNAME, RESULTS_NAME
@@ -20,10 +20,6 @@ from test_families import optimizer_state_numel
 from test_memory_plan import GEMMA2_27B, hardware
 
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
-
-
-def read(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,7 @@ def lora_run(tiny_model, tmp_path_factory):
     out, started = root / "run", time.time()
     proc = run_script(["--config", str(config), "--output_dir", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"root": root, "config": config, "out": out, "model": tiny_model, "results": read(out / RESULTS_NAME),
+    return {"root": root, "config": config, "out": out, "model": tiny_model, "results": read_json(out / RESULTS_NAME),
             "started": started}
 
 
@@ -56,7 +52,7 @@ def test_only_the_adapters_are_trained_and_the_loss_falls(lora_run):
     assert trained <= fp32 < trained + 64  # partition padding only
     # activation checkpointing with the saved layer inputs in CPU memory works with the adapters too
     assert results["activation_checkpointing"]["cpu_offload"] and results["activation_checkpointing"]["enabled"]
-    adapter = read(out / ADAPTER_DIRNAME / "adapter_config.json")
+    adapter = read_json(out / ADAPTER_DIRNAME / "adapter_config.json")
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["peft_type"] == "LORA"
 
 
@@ -96,7 +92,7 @@ def test_a_resumed_lora_run_ends_where_an_uninterrupted_one_does(lora_run, tmp_p
     proc = run_script(["--config", str(lora_run["config"]), "--output_dir", str(out), "--resume_from_checkpoint",
                        "auto"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    resumed, uninterrupted = read(out / RESULTS_NAME), lora_run["results"]
+    resumed, uninterrupted = read_json(out / RESULTS_NAME), lora_run["results"]
     assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["global_step"] == 6
     assert abs(resumed["last_train_loss"] - uninterrupted["last_train_loss"]) < 1e-2
     assert abs(resumed["test"]["loss"] - uninterrupted["test"]["loss"]) < 1e-2
@@ -118,7 +114,7 @@ def test_eval_only_evaluates_the_merged_model(lora_run, tmp_path):
     proc = run_script(["--config", str(lora_run["config"]), "--output_dir", str(out), "--do_eval_only"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "LoRA" not in proc.stdout + proc.stderr  # final/ is evaluated as it is: no adapters are added
-    tested = read(out / RESULTS_NAME)["test"]
+    tested = read_json(out / RESULTS_NAME)["test"]
     assert abs(tested["loss"] - lora_run["results"]["test"]["loss"]) < 1e-2  # adapter vs merged: bf16 rounding
 
 
@@ -133,7 +129,7 @@ def test_lora_trains_under_a_custom_deepspeed_config(lora_run, tmp_path):
     proc = run_script(["--config", str(lora_run["config"]), "--output_dir", str(out), "--deepspeed_config", str(ds),
                        "--set", "training.max_steps=3", "--set", "data.test_file=null"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = read(out / RESULTS_NAME)
+    results = read_json(out / RESULTS_NAME)
     assert results["deepspeed"]["offload_param"] == "none" and results["deepspeed"]["zero_stage"] == 3
     assert results["parameters"] == lora_run["results"]["parameters"]
     assert results["last_train_loss"] < results["first_train_loss"]

@@ -14,16 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_records, run_script, script_env, write_config, write_jsonl
+from conftest import REPO, make_records, read_json, run_script, script_env, write_config, write_jsonl
 from finetune.outputs import IDENTITY_NAME, LOCK_NAME, PREDICTIONS_NAME, RESULTS_NAME
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def read(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +92,7 @@ def test_resume_records_cadence_changes_and_forced_ones(base):
                        "--set", "training.logging_steps=2", "--set", "training.learning_rate=0.001",
                        "--allow_config_changes"], processes=None)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = read(out / RESULTS_NAME)
+    results = read_json(out / RESULTS_NAME)
     assert results["global_step"] == 2 and results["resumed_from"].endswith("checkpoint-1")
     changes = "\n".join(results["resume_changes"])
     assert "training.learning_rate: the checkpoint was trained with 0.003, this run asks for 0.001" in changes
@@ -128,7 +124,7 @@ def test_overwrite_replaces_a_finished_run_once_the_new_one_has_started(base, tm
                        "--ablation_config", "query_only", "--set", "data.allow_overlap=true",
                        "--set", f"data.test_file={base['data'] / 'train.jsonl'}"], processes=None)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = read(out / RESULTS_NAME)
+    results = read_json(out / RESULTS_NAME)
     assert results["ablation"] == "query_only"
     assert not list(out.glob(".replaced-*")) and (out / "my_notes.txt").read_text() == "kept"
     # data.allow_overlap let the test file be the training file; the overlap is on record
@@ -155,7 +151,7 @@ def test_a_live_run_keeps_its_directory(base, tmp_path):
         assert live.wait(timeout=600) == 0, (tmp_path / "live.log").read_text()[-3000:]
     finally:
         live.kill()
-    results = read(out / RESULTS_NAME)
+    results = read_json(out / RESULTS_NAME)
     assert results["global_step"] == 30 and not (out / LOCK_NAME).exists()
     assert not (out / "dry_run").exists()
 
@@ -172,7 +168,7 @@ def test_locks_of_runs_that_are_gone_are_taken_over_and_others_refused(base, tmp
         proc = run_script(["--config", str(base["config"]), "--output_dir", str(out), "--dry_run"], processes=None)
         assert proc.returncode == 2 and "in use by another run" in proc.stderr, who
         assert f"If that run is gone, delete {lock}" in proc.stderr
-        assert read(lock) == holder  # refused: the lock stays the other run's
+        assert read_json(lock) == holder  # refused: the lock stays the other run's
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": "earlier",
                                 "command": "a run that was killed"}))
     proc = run_script(["--config", str(base["config"]), "--output_dir", str(out), "--dry_run"], processes=None)
@@ -194,7 +190,7 @@ def test_eval_only_never_silently_replaces_the_predictions_of_another_test_set(b
     replaced = run_script(["--config", str(base["config"]), "--output_dir", str(out), "--do_eval_only",
                            "--replace_test_set", *other], processes=None)
     assert replaced.returncode == 0, replaced.stdout[-3000:] + replaced.stderr[-3000:]
-    results, old = read(out / RESULTS_NAME), read(base["finished"] / RESULTS_NAME)
+    results, old = read_json(out / RESULTS_NAME), read_json(base["finished"] / RESULTS_NAME)
     test_set = results["test"]["test_set"]
     assert test_set["path"].endswith("test2.jsonl") and test_set["evaluated"].startswith("--do_eval_only")
     assert test_set["replaced"] == old["test"]["test_set"]  # what these results replaced, on record

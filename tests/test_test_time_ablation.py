@@ -16,16 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_records, run_script, write_config, write_jsonl
+from conftest import REPO, make_records, read_json, run_script, write_config, write_jsonl
 from finetune.outputs import LOCK_NAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME, RESULTS_NAME
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def read(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def prediction_rows(run: Path) -> list[dict]:
@@ -58,7 +54,7 @@ def study(tiny_model, tmp_path_factory):
 def test_the_evaluation_is_labelled_in_its_own_directory_on_the_trained_run_s_test_examples(study):
     trained, evaluated = study["trained"], study["evaluated"]
     assert snapshot(trained) == study["before"]  # not one byte of the trained run changed, nothing was added
-    results, trained_results = read(evaluated / RESULTS_NAME), read(trained / RESULTS_NAME)
+    results, trained_results = read_json(evaluated / RESULTS_NAME), read_json(trained / RESULTS_NAME)
     assert results["test_time_ablation"] == {"trained_run": str(trained.resolve()),
                                              "trained_ablation": "profile_and_history",
                                              "evaluated_ablation": "profile_only",
@@ -77,10 +73,10 @@ def test_the_evaluation_is_labelled_in_its_own_directory_on_the_trained_run_s_te
     assert [r["target"] for r in rows] == [r["target"] for r in trained_rows]
     # the same model on other prompts: the losses differ (the history really was removed)
     assert [r["loss"] for r in rows] != pytest.approx([r["loss"] for r in trained_rows])
-    resolved = read(evaluated / RESOLVED_CONFIG_NAME)
+    resolved = read_json(evaluated / RESOLVED_CONFIG_NAME)
     assert resolved["prompt"]["include_history"] is False and resolved["ablation"]["name"] == "profile_only"
     assert resolved["evaluated_model"] == str(trained.resolve() / "final")
-    assert resolved["model_path"] == read(trained / RESOLVED_CONFIG_NAME)["model_path"]  # what final/ came from
+    assert resolved["model_path"] == read_json(trained / RESOLVED_CONFIG_NAME)["model_path"]  # what final/ came from
     assert not (evaluated / "final").exists() and not list(evaluated.glob("checkpoint-*"))
 
 
@@ -143,7 +139,7 @@ def test_the_comparison_labels_the_row_and_keeps_it_apart_from_a_trained_run_of_
     # A trained profile_only run, made by hand from the evaluation (same ids and settings), for the mix.
     trained_profile_only = tmp_path / "profile_only"
     shutil.copytree(study["evaluated"], trained_profile_only)
-    results = read(trained_profile_only / RESULTS_NAME)
+    results = read_json(trained_profile_only / RESULTS_NAME)
     del results["test_time_ablation"]
     (trained_profile_only / RESULTS_NAME).write_text(json.dumps(results))
     out = tmp_path / "cmp"
@@ -182,7 +178,7 @@ def test_in_a_study_of_several_seeds_test_time_evaluations_are_an_ablation_of_th
     def test_time_run(seed: int, right: int) -> Path:
         out = seed_run(tmp_path / "scratch", "profile_only", seed, right)
         out = out.rename(tmp_path / f"profile_and_history-seed{seed}@test_time_profile_only")
-        results = read(out / RESULTS_NAME)
+        results = read_json(out / RESULTS_NAME)
         results["test_time_ablation"] = {"trained_run": str(tmp_path / f"profile_and_history-seed{seed}"),
                                          "trained_ablation": "profile_and_history",
                                          "evaluated_ablation": "profile_only", "model": "final"}
