@@ -62,7 +62,7 @@ from typing import Any
 
 from finetune.config import Ablation, Config, LoraConfig
 from finetune.deepspeed_config import load_custom_deepspeed_config
-from finetune.errors import EXIT_INTERRUPTED, UserError
+from finetune.errors import EXIT_INTERRUPTED, MESSAGE_GRACE_S, UserError
 from finetune.outputs import (DRY_RUN_DIRNAME, DS_CONFIG_DIRNAME, IDENTITY_NAME, PREDICTIONS_NAME, RESOLVED_CONFIG_NAME,
                               RESULTS_NAME, OutputLock, PreviousRun, check_eval_only, check_output_dir,
                               check_output_writable, check_same_test_set, deepspeed_config_filename, estimated_storage,
@@ -468,6 +468,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()) -> in
     except UserError as e:
         if rank == 0:  # every rank finds the same problem; one copy of the message is enough
             print("error: " + "\n       ".join(e.problems), file=sys.stderr, flush=True)
+        else:
+            # A rank that exits first makes the launcher stop rank 0 before it has printed the message.
+            time.sleep(MESSAGE_GRACE_S)
         return e.exit_code
     except KeyboardInterrupt:
         if rank == 0:

@@ -8,6 +8,9 @@ EXIT_USER_ERROR = 2  # a problem in the config, data or flags: the message says 
 EXIT_DIVERGED = 3  # the loss or gradient norm became NaN or infinite
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a job that stopped on their signal
+# How long a rank other than 0 waits, after a UserError, before exiting: rank 0 prints the message, and the launcher
+# stops every rank once one has exited (rank 0 finds the same problem within a second; its exit ends the wait).
+MESSAGE_GRACE_S = 10.0
 
 
 class UserError(Exception):
