@@ -19,6 +19,11 @@ reference the largest N; the comparison adds <output_dir>/comparison_by_max_hist
 against N). Generated profiles are written into <output_dir>/designs/<name>.json and passed by path; a rerun that
 would write a different one is refused. --design combines with --seeds.
 
+On a cluster: --slurm writes <output_dir>/study.sbatch, a SLURM job array with one task per run (each an srun +
+accelerate launch over --nodes nodes; a resubmitted task resumes its run), instead of training. --status shows every
+run's state and the time left, --collect compares once every task has finished, and --print_commands prints each
+run's launch command for another scheduler (finetune/study.py).
+
 Usage (from the repository root):
 
     # 4 GPUs, all four shipped ablations
@@ -43,23 +48,35 @@ Usage (from the repository root):
     # how much history is enough: 0, 1, 2, 4 and 8 most recent items, each with two seeds
     python Gemma/run_study.py --config config.json --output_dir Gemma/outputs/study_history --num_processes 4 \\
         --design history_lengths 0 1 2 4 8 --seeds 1 2
+
+    # on SLURM: 4 ablations x 3 seeds, each run on 2 nodes of 8 GPUs (an array of 12 tasks), then the comparison
+    python Gemma/run_study.py --config config.json --output_dir /shared/study --seeds 1 2 3 --num_processes 16 \\
+        --slurm --nodes 2 --sbatch_option partition=gpu --sbatch_option time=48:00:00
+    sbatch /shared/study/study.sbatch
+    python Gemma/run_study.py --config config.json --output_dir /shared/study --seeds 1 2 3 --status
+    python Gemma/run_study.py --config config.json --output_dir /shared/study --seeds 1 2 3 --collect
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from finetune.comparison import DEFAULT_REFERENCE_ABLATION, SEED_KEY
 from finetune.designs import (DESIGN_USAGE, DESIGNS_DIRNAME, SECTIONS_ABLATIONS, load_design, parse_design,
                               write_profiles)
-from finetune.errors import UserError
-from finetune.outputs import RESULTS_NAME
+from finetune.errors import UserError, positive_int
+from finetune.outputs import write_atomic
 from finetune.settings import MAX_SEED
+from finetune.study import (DONE, SBATCH_NAME, SLURM_LOGS_DIRNAME, StudyRun, planned_runs, progress_summary,
+                            run_for_task, run_state, sbatch_script, slurm_launcher_args, status_table,
+                            unfinished_problems)
 
 HERE = Path(__file__).resolve().parent
 SHIPPED_ABLATIONS = list(SECTIONS_ABLATIONS)
@@ -85,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--design", nargs="+", metavar="DESIGN",
                    help="generate the ablations instead of listing them: " + "; ".join(DESIGN_USAGE.values()) +
                         f" (see finetune/designs.py; profiles go into <output_dir>/{DESIGNS_DIRNAME}/).")
-    p.add_argument("--num_processes", type=int, default=1, help="processes per run (GPUs, or CPU processes).")
+    p.add_argument("--num_processes", type=positive_int, default=1,
+                   help="processes per run (GPUs, or CPU processes), over all its nodes.")
     p.add_argument("--launcher_args", default="", help="extra arguments for `accelerate launch`, as one string.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override applied to every run (repeatable), as in train_deepspeed.py.")
@@ -94,7 +112,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=_seed, metavar="SEED",
                    help="train every ablation once per seed, into <ablation>-seed<SEED> (default: once, with the "
                         "config's training.seed, into <ablation>).")
+    where = p.add_argument_group("where the runs train (default: here, one after another, then the comparison)")
+    mode = where.add_mutually_exclusive_group()
+    mode.add_argument("--slurm", action="store_true",
+                      help=f"write <output_dir>/{SBATCH_NAME}, a SLURM job array with one task per run, instead of "
+                           "training; submit it with sbatch, then --collect.")
+    mode.add_argument("--print_commands", action="store_true",
+                      help="print the accelerate launch command of every run not done, one per line (for another "
+                           "scheduler), instead of training.")
+    mode.add_argument("--array_task", type=int, metavar="INDEX",
+                      help=f"train run INDEX of the study only (what {SBATCH_NAME}'s tasks call; --status lists "
+                           "the indices).")
+    mode.add_argument("--status", action="store_true",
+                      help="show every run's state (done, running, resumable, failed, not started) and the time "
+                           "left, and train nothing.")
+    mode.add_argument("--collect", action="store_true",
+                      help="compare the finished runs (after a job array); refused while any run is not done.")
+    where.add_argument("--nodes", type=positive_int, default=1,
+                       help="--slurm: nodes per run; --num_processes (the total over the nodes) is split evenly.")
+    where.add_argument("--sbatch_option", dest="sbatch_options", action="append", default=[], metavar="KEY=VALUE",
+                       help="--slurm: one more #SBATCH --KEY=VALUE line (repeatable), e.g. partition=gpu, "
+                            "time=24:00:00, account=my_project.")
     args = p.parse_args(argv)
+    if (args.nodes != 1 or args.sbatch_options) and not args.slurm:
+        p.error("--nodes and --sbatch_option describe the job array; give them with --slurm.")
+    if args.num_processes % args.nodes:
+        p.error(f"--num_processes {args.num_processes} (the total over the nodes) does not split evenly over "
+                f"--nodes {args.nodes}; give a multiple of {args.nodes}.")
+    args.gpus_per_node = args.num_processes // args.nodes
+    bad = [o for o in args.sbatch_options if "=" not in o or o.startswith("-")]
+    if bad:
+        p.error(f"--sbatch_option {bad[0]}: write it as KEY=VALUE without dashes, e.g. --sbatch_option partition=gpu.")
+    args.sbatch_options = [f"--{o}" for o in args.sbatch_options]
     args.x_axis = None  # a design's: the resolved-config key the comparison plots the main metric against
     if args.design:
         if args.ablations:
@@ -131,69 +180,121 @@ def apply_design(args: argparse.Namespace) -> None:
     args.reference = args.reference or DEFAULT_REFERENCE_ABLATION
 
 
-def planned_runs(args: argparse.Namespace) -> list[tuple[str, int | None, Path]]:
-    """(ablation, seed, run directory) of every run, in training order: seed by seed, so that a study stopped part-way
-    holds every ablation of its first seeds. seed None: no --seeds, the config's training.seed."""
-    def run_dir(ablation: str, seed: int | None) -> Path:
-        return args.output_dir / (Path(ablation).stem + ("" if seed is None else f"-seed{seed}"))
-
-    return [(a, s, run_dir(a, s)) for s in (args.seeds or [None]) for a in args.ablations]
-
-
-def launch_command(args: argparse.Namespace, ablation: str, run_dir: Path, cuda: bool,
-                   seed: int | None = None) -> list[str]:
-    """accelerate launch of the training script for one ablation (and seed); resumes an interrupted run."""
+def launch_command(args: argparse.Namespace, run: StudyRun, cuda: bool, node_args: Sequence[str] = ()) -> list[str]:
+    """accelerate launch of the training script for one run; resumes an interrupted one. `node_args`: this node's
+    part of a multi-node launch (study.slurm_launcher_args)."""
     launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes",
-                str(args.num_processes)]
+                str(args.num_processes), *node_args]
     if not cuda:
         launcher.append("--use_deepspeed")  # without it accelerate starts a single process on a CPU-only machine
-    script = [str(HERE / "train_deepspeed.py"), "--config", str(args.config), "--ablation_config", ablation,
-              "--output_dir", str(run_dir)]
-    if any(run_dir.glob("checkpoint-*")):
+    script = [str(HERE / "train_deepspeed.py"), "--config", str(args.config), "--ablation_config", run.ablation,
+              "--output_dir", str(run.directory)]
+    if any(run.directory.glob("checkpoint-*")):
         script += ["--resume_from_checkpoint", "auto"]
     for item in args.overrides:
         script += ["--set", item]
-    if seed is not None:
-        script += ["--set", f"{SEED_KEY}={seed}"]
+    if run.seed is not None:
+        script += ["--set", f"{SEED_KEY}={run.seed}"]
     return launcher + shlex.split(args.launcher_args) + script
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        apply_design(args)
-    except UserError as e:
-        print("\n".join([f"error: {e.problems[0]}", *e.problems[1:]]), file=sys.stderr, flush=True)
-        return e.exit_code
-    import torch  # only to ask whether CUDA is here: the launcher needs to know
+def train(args: argparse.Namespace, run: StudyRun, cuda: bool, node_args: Sequence[str] = ()) -> bool:
+    """Train one run unless it is done (resuming it when it stopped after a checkpoint); False when it failed."""
+    if run_state(run.directory) == DONE:
+        print(f"[study] {run.name}: finished earlier, kept.", flush=True)
+        return True
+    cmd = launch_command(args, run, cuda, node_args)
+    print(f"[study] {run.name}: {shlex.join(cmd)}", flush=True)
+    started = time.time()
+    if subprocess.run(cmd).returncode != 0:
+        print(f"[study] {run.name} failed; fix the problem above and rerun this command to continue.",
+              file=sys.stderr, flush=True)
+        return False
+    print(f"[study] {run.name}: done in {time.time() - started:.0f} s.", flush=True)
+    return True
 
-    cuda = torch.cuda.is_available()
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    runs = planned_runs(args)
-    run_dirs = [run_dir for _, _, run_dir in runs]
-    for ablation, seed, run_dir in runs:
-        if (run_dir / RESULTS_NAME).is_file():
-            print(f"[study] {run_dir.name}: finished earlier, kept.", flush=True)
-            continue
-        cmd = launch_command(args, ablation, run_dir, cuda, seed)
-        print(f"[study] {run_dir.name}: {shlex.join(cmd)}", flush=True)
-        started = time.time()
-        if subprocess.run(cmd).returncode != 0:
-            print(f"[study] {run_dir.name} failed; fix the problem above and rerun this command to continue.",
-                  file=sys.stderr)
-            return 1
-        print(f"[study] {run_dir.name}: done in {time.time() - started:.0f} s.", flush=True)
 
-    compare = [sys.executable, str(HERE / "compare_ablations.py"), *map(str, run_dirs), "--reference", args.reference,
-               "--csv", str(args.output_dir / "comparison.csv"), "--figure", str(args.output_dir / "comparison.png")]
-    compare += ["--x_axis", args.x_axis] if args.x_axis else []
-    table = subprocess.run(compare, stdout=subprocess.PIPE, text=True)
+def compare(args: argparse.Namespace, runs: list[StudyRun]) -> int:
+    """compare_ablations.py over every run: comparison.md (also printed), .csv and .png in --output_dir."""
+    command = [sys.executable, str(HERE / "compare_ablations.py"), *(str(r.directory) for r in runs),
+               "--reference", args.reference, "--csv", str(args.output_dir / "comparison.csv"),
+               "--figure", str(args.output_dir / "comparison.png")]
+    command += ["--x_axis", args.x_axis] if args.x_axis else []
+    table = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if table.returncode != 0:
         return table.returncode
     (args.output_dir / "comparison.md").write_text(table.stdout, encoding="utf-8")
     print(table.stdout, end="")
     print(f"[study] comparison: {args.output_dir / 'comparison.md'}, .csv, .png", flush=True)
     return 0
+
+
+def task_command(args: argparse.Namespace) -> list[str]:
+    """This study as one run_study.py command with absolute paths and the resolved ablations (a design's profile
+    files), for the job array's tasks: --array_task I then picks run I of the same plan."""
+    command = [sys.executable, str(HERE / "run_study.py"), "--config", str(args.config.resolve()),
+               "--output_dir", str(args.output_dir.resolve()), "--num_processes", str(args.num_processes),
+               "--ablations", *(str(Path(a).resolve()) if Path(a).suffix == ".json" else a for a in args.ablations)]
+    command += ["--seeds", *map(str, args.seeds)] if args.seeds else []
+    command += ["--launcher_args", args.launcher_args] if args.launcher_args else []
+    for item in args.overrides:
+        command += ["--set", item]
+    return command
+
+
+def write_job_array(args: argparse.Namespace, runs: list[StudyRun]) -> Path:
+    logs = args.output_dir.resolve() / SLURM_LOGS_DIRNAME
+    logs.mkdir(parents=True, exist_ok=True)
+    script = sbatch_script(runs, task_command(args), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                           sbatch_options=args.sbatch_options, workdir=Path.cwd(), logs=logs,
+                           job_name=args.output_dir.resolve().name)
+    path = args.output_dir / SBATCH_NAME
+    write_atomic(path, script)
+    print(f"[study] {len(runs)} array tasks, {args.nodes} node(s) each: {path}\n"
+          f"        submit it with: sbatch {shlex.quote(str(path))}\n"
+          "        when every task has finished, compare: this command with --collect instead of --slurm "
+          "(--status shows where the study is).", flush=True)
+    return path
+
+
+def run_study(args: argparse.Namespace, runs: list[StudyRun]) -> int:
+    """Every run here, one after another, then the comparison."""
+    import torch  # only to ask whether CUDA is here: the launcher needs to know
+
+    cuda = torch.cuda.is_available()
+    if args.print_commands:  # for another scheduler: the launch of every run not done, one per line
+        print("\n".join(shlex.join(launch_command(args, r, cuda)) for r in runs if run_state(r.directory) != DONE))
+        return 0
+    if args.array_task is not None:
+        return 0 if train(args, run_for_task(runs, args.array_task), cuda, slurm_launcher_args(os.environ, cuda)) \
+            else 1
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for i, run in enumerate(runs, 1):
+        print(f"[study] run {i} of {len(runs)}, {run.name}. {progress_summary(runs)}", flush=True)
+        if not train(args, run, cuda):
+            return 1
+    return compare(args, runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        apply_design(args)
+        runs = planned_runs(args.ablations, args.seeds, args.output_dir)
+        if args.status:
+            print(status_table(runs))
+            return 0
+        if args.slurm:
+            write_job_array(args, runs)
+            return 0
+        if args.collect:
+            if problems := unfinished_problems(runs):
+                raise UserError(problems)
+            return compare(args, runs)
+        return run_study(args, runs)
+    except UserError as e:
+        print("\n".join([f"error: {e.problems[0]}", *e.problems[1:]]), file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 if __name__ == "__main__":

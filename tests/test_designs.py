@@ -21,6 +21,7 @@ from finetune.errors import UserError
 from finetune.outputs import RESULTS_NAME
 from finetune.prompts import PromptEncoder
 from finetune.settings import ABLATION_DIR, load_settings
+from finetune.study import planned_runs
 from test_compare_ablations import PNG_SIGNATURE, genre_predictions, make_run
 
 import compare_ablations as ca
@@ -205,11 +206,12 @@ def test_a_design_with_seeds_plans_every_run_of_every_seed(tmp_path):
                                  "--seeds", "5", "7", "--set", "training.max_steps=5"])
     run_study.apply_design(args)
     designs = tmp_path / "study" / "designs"
-    assert [(Path(a).name, s, d.name) for a, s, d in run_study.planned_runs(args)] == [
+    runs = planned_runs(args.ablations, args.seeds, args.output_dir)
+    assert [(Path(r.ablation).name, r.seed, r.name) for r in runs] == [
         ("history_1.json", 5, "history_1-seed5"), ("history_2.json", 5, "history_2-seed5"),
         ("history_1.json", 7, "history_1-seed7"), ("history_2.json", 7, "history_2-seed7")]
     assert (args.reference, args.x_axis) == ("history_2", "prompt.max_history_items")
-    cmd = run_study.launch_command(args, args.ablations[0], tmp_path / "study" / "history_1-seed5", cuda=True, seed=5)
+    cmd = run_study.launch_command(args, runs[0], cuda=True)
     assert cmd[cmd.index("--ablation_config") + 1] == str(designs / "history_1.json")
     assert cmd[-4:] == ["--set", "training.max_steps=5", "--set", "training.seed=5"]
     # without --design the reference is the full prompt's, and --reference still wins

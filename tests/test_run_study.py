@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, make_records, script_env, write_config, write_jsonl
 from finetune.batching import LengthGroupedSampler
 from finetune.outputs import RESOLVED_CONFIG_NAME, RESULTS_NAME
+from finetune.study import StudyRun, planned_runs
 
 import run_study
 
@@ -21,14 +22,15 @@ ABLATIONS = ["profile_and_history", "query_only"]
 
 def plan(*argv: str) -> list[tuple[str, int | None, str]]:
     args = run_study.parse_args(["--output_dir", "study", "--ablations", *ABLATIONS, *argv])
-    return [(a, s, d.as_posix()) for a, s, d in run_study.planned_runs(args)]
+    return [(r.ablation, r.seed, r.directory.as_posix()) for r in planned_runs(args.ablations, args.seeds,
+                                                                                args.output_dir)]
 
 
 def test_without_seeds_each_ablation_trains_once_into_a_directory_named_for_it():
     assert plan() == [("profile_and_history", None, "study/profile_and_history"),
                       ("query_only", None, "study/query_only")]
     args = run_study.parse_args(["--output_dir", "study", "--set", "training.max_steps=5"])
-    cmd = run_study.launch_command(args, "profile_only", args.output_dir / "profile_only", cuda=True)
+    cmd = run_study.launch_command(args, StudyRun("profile_only", None, args.output_dir / "profile_only"), cuda=True)
     assert cmd[-2:] == ["--set", "training.max_steps=5"]  # the config's training.seed: nothing added
     assert not any("training.seed" in part for part in cmd)
 
@@ -38,7 +40,7 @@ def test_seeds_train_every_ablation_per_seed_seed_by_seed():
         ("profile_and_history", 7, "study/profile_and_history-seed7"), ("query_only", 7, "study/query_only-seed7"),
         ("profile_and_history", 3, "study/profile_and_history-seed3"), ("query_only", 3, "study/query_only-seed3")]
     args = run_study.parse_args(["--output_dir", "study", "--seeds", "3", "--set", "training.max_steps=5"])
-    cmd = run_study.launch_command(args, "query_only", args.output_dir / "query_only-seed3", cuda=True, seed=3)
+    cmd = run_study.launch_command(args, StudyRun("query_only", 3, args.output_dir / "query_only-seed3"), cuda=True)
     assert cmd[-4:] == ["--set", "training.max_steps=5", "--set", "training.seed=3"]
 
 

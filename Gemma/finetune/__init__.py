@@ -23,6 +23,9 @@ order data flows through a run:
     metrics           the metric registry shared by the evaluation and the comparison
     outputs           output file names, atomic writes, output-dir checks and lock, checkpoints, resuming, disk
     dry_run           the --dry_run report
+    test_time         test-time ablation: its checks, results and label
+    designs           study designs: sections, leave_one_out, history_lengths (Gemma/run_study.py --design)
+    study             a study's runs, their states and time left, the SLURM job array (Gemma/run_study.py)
     bootstrap         bootstrap intervals of differences (Gemma/compare_ablations.py)
     comparison        finished runs -> comparable rows with intervals (Gemma/compare_ablations.py)
     errors            UserError and the exit codes every tool uses

@@ -449,6 +449,11 @@ class OutputLock:
             return {"pid": "?", "host": socket.gethostname() if not written_just_now else "?",
                     "started": "?", "command": "? (unreadable lock file)"}
 
+    def is_held(self) -> bool:
+        """Whether a live run holds the lock (a run on another host counts as live, as in acquire)."""
+        holder = self._holder()
+        return holder is not None and not owner_is_gone(holder)
+
     def release(self) -> None:
         if self.holding:
             self.path.unlink(missing_ok=True)
