@@ -71,7 +71,7 @@ from pathlib import Path
 from finetune.comparison import DEFAULT_REFERENCE_ABLATION, SEED_KEY
 from finetune.designs import (DESIGN_USAGE, DESIGNS_DIRNAME, SECTIONS_ABLATIONS, load_design, parse_design,
                               write_profiles)
-from finetune.errors import UserError, positive_int
+from finetune.errors import EXIT_INTERRUPTED, UserError, positive_int
 from finetune.outputs import write_atomic
 from finetune.settings import MAX_SEED
 from finetune.study import (DONE, SBATCH_NAME, SLURM_LOGS_DIRNAME, StudyRun, planned_runs, progress_summary,
@@ -295,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print("\n".join([f"error: {e.problems[0]}", *e.problems[1:]]), file=sys.stderr, flush=True)
         return e.exit_code
+    except KeyboardInterrupt:  # the run being trained got the Ctrl-C too and stopped; its checkpoints stay
+        print("error: interrupted (Ctrl-C); rerun the same command to continue the study (--status shows where it "
+              "is).", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, read_json, script_env, write_config
-from finetune.errors import UserError
+from finetune.errors import EXIT_INTERRUPTED, UserError
 from finetune.outputs import RESULTS_NAME, OutputLock
 from finetune.study import (DONE, FAILED, NOT_STARTED, RESUMABLE, RUNNING, SBATCH_NAME, planned_runs,
                             progress_summary, run_for_task, run_state, slurm_launcher_args, time_left_s)
@@ -182,3 +184,20 @@ def test_one_array_task_trains_its_run_here_resumes_when_resubmitted_and_collect
     assert collect.returncode == 0, collect.stderr[-3000:]
     table = (out / "comparison.md").read_text()
     assert "| profile_and_history (reference) |" in table and "| query_only | query_only |" in table
+
+
+def test_ctrl_c_stops_the_study_with_how_to_continue(tiny_model, data_dir, tmp_path):
+    config = write_config(tmp_path / "config.json", tiny_model, data_dir, training={"max_steps": 400})
+    out = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, str(REPO / "Gemma" / "run_study.py"), "--config", str(config),
+                             "--output_dir", str(out), "--ablations", "query_only"], cwd=REPO, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:  # the run has been launched
+        if line.startswith("[study] query_only: "):
+            break
+    time.sleep(15)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the study and the run it launched
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert "Traceback" not in err.split("[study] query_only failed")[-1]
+    assert "interrupted (Ctrl-C); rerun the same command to continue the study" in err
