@@ -173,6 +173,12 @@ class RunPlan:
         name = getattr(self.cfg.data, f"{split}_file")
         return None if name is None else resolve_path(name, self.config_path.parent)
 
+    @property
+    def cache_dir(self) -> Path | None:
+        """data.cache_dir, relative to config.json's directory; None: the default (finetune.data.default_cache_dir)."""
+        name = self.cfg.data.cache_dir
+        return None if name is None else resolve_path(name, self.config_path.parent)
+
     def test_set(self, test: Any) -> dict:
         """Where the test metrics come from: the test file, its content hash and the ids hash of its examples."""
         return {**self.identity["data_files"]["test"], "ids_sha256": test.stats.ids_sha256}
@@ -236,7 +242,7 @@ def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, Any, dict,
     splits = {}
     for name in names:
         if (path := plan.data_file(name)) is not None:
-            splits[name] = build_split(path, name, plan.cfg, encoder)
+            splits[name] = build_split(path, name, plan.cfg, encoder, plan.cache_dir)
             s = splits[name].stats
             logger.info("%s: %d records -> %d examples (%d dropped as too long, %d with history shortened), "
                         "ids sha256 %s", name, s.records, s.examples, s.dropped_too_long, s.history_shortened,
@@ -340,7 +346,7 @@ def build_training(plan: RunPlan, args: argparse.Namespace, tokenizer: Any, spli
     from finetune.preflight import check_before_loading
 
     cfg, t = plan.cfg, plan.cfg.training
-    steps = planned_steps(t, len(splits["train"].ids), runtime.world_size)
+    steps = planned_steps(t, len(splits["train"]), runtime.world_size)
     warn_if_disk_is_short(plan.output_dir, estimated_storage(Path(plan.model_path), t, steps))
     model_config = load_model_config(plan.model_path)
     ds_config, memory = deepspeed_config_for(plan, model_config, splits["train"])
@@ -408,7 +414,7 @@ def evaluate_final_model(plan: RunPlan, args: argparse.Namespace, tokenizer: Any
     trainer = tr.build_trainer(plan.cfg, plan.model_path, training_args, ds_config, tokenizer, {})
     runtime.phase("starting DeepSpeed (its engine; a first run on a machine also compiles its ops)")
     # The Trainer builds the DeepSpeed inference engine on its first evaluation; one example per rank does.
-    trainer.evaluate(tr.as_dataset(test.examples[:training_args.world_size]))
+    trainer.evaluate(test.examples.select(range(min(len(test), training_args.world_size))))
     runtime.phase(None)
     return run_test_evaluation(trainer.model, encoder, test, plan.cfg, training_args.device, answers), ds_config
 
@@ -431,7 +437,7 @@ def dry_run(args: argparse.Namespace) -> Path:
         ds_config, memory = deepspeed_config_for(plan, model_config, splits["train"], hardware)
         gpus = hardware.gpus_per_node * hardware.nodes
         check_before_loading(cfg, ds_config, trainer_arguments_like(cfg, gpus), model_config,
-                             planned_steps(t, len(splits["train"].ids), gpus), args.deepspeed_config)
+                             planned_steps(t, len(splits["train"]), gpus), args.deepspeed_config)
         padding = epoch_padding_efficiency(splits["train"], t.batch_size, t.global_batch(gpus), t.seed)
         example = first_example(encoder, splits["train"], cfg)
         out = plan.output_dir / DRY_RUN_DIRNAME

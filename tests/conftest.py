@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "Gemma"), str(REPO / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prepared data (finetune/data_cache.py) goes into a cache of this session's own, which the scripts it starts share.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="test-datasets-cache-")
 
 from tiny_gemma import build_tiny_gemma  # noqa: E402
 

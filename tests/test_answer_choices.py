@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -155,21 +157,23 @@ def test_bootstraps_of_macro_f1_cover_the_difference_and_agree_for_identical_see
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def split_of(targets: list[str]) -> Split:
-    return Split([], [f"t{i}" for i in range(len(targets))], targets, None,
-                 locations=[f"test.jsonl: line {i + 1}" for i in range(len(targets))])
+def split_of(targets: list[str], tmp_path: Path) -> Split:
+    path = write_jsonl(tmp_path / "test.jsonl", [{"target": t} for t in targets])
+    rows = datasets.Dataset.from_dict({"id": [f"t{i}" for i in range(len(targets))], "target": targets,
+                                       "index": list(range(len(targets)))})
+    return Split(rows, None, path, {}, 0)
 
 
-def test_auto_choices_are_the_distinct_training_targets_up_to_the_threshold():
-    auto = resolve_answer_choices("auto", ["5", "10", "2", "5"], split_of(["2", "10"]))
+def test_auto_choices_are_the_distinct_training_targets_up_to_the_threshold(tmp_path):
+    auto = resolve_answer_choices("auto", ["5", "10", "2", "5"], split_of(["2", "10"], tmp_path))
     assert auto.choices == ["2", "5", "10"] and auto.record()["source"].startswith("auto")  # numbers by value
-    assert resolve_answer_choices("auto", ["yes", "no"], split_of(["no"])).choices == ["no", "yes"]
+    assert resolve_answer_choices("auto", ["yes", "no"], split_of(["no"], tmp_path)).choices == ["no", "yes"]
     many = [f"title {i}" for i in range(MAX_AUTO_CHOICES + 1)]
-    assert resolve_answer_choices("auto", many, split_of(["title 0"])).choices is None  # free text
-    assert resolve_answer_choices(None, many, split_of(["x"])).choices is None
+    assert resolve_answer_choices("auto", many, split_of(["title 0"], tmp_path)).choices is None  # free text
+    assert resolve_answer_choices(None, many, split_of(["x"], tmp_path)).choices is None
     assert resolve_answer_choices(["no", "yes"], None, None) is None  # no test file
     with pytest.raises(UserError) as error:
-        resolve_answer_choices(["no", "yes"], None, split_of(["yes", "maybe", "no"]))
+        resolve_answer_choices(["no", "yes"], None, split_of(["yes", "maybe", "no"], tmp_path))
     assert "test.jsonl: line 2: target 'maybe' is not one of the answer choices" in error.value.problems[0]
 
 

@@ -7,6 +7,7 @@ order data flows through a run:
     chat_format       the turn format learned from the tokenizer's chat template
     prompts           prompt sections, the user turn, token ids and labels (PromptEncoder)
     data              data files -> checked records -> encoded splits and their statistics
+    data_cache        the prepared-data cache: entry keys, the builders' lock, complete-or-absent entries
     batching          the supervised-positions collator, length-grouped sampling, padding-free batches
     deepspeed_config  the generated ZeRO-3 config, and the user's own checked against config.json
     modeling          the model's config, loading it, what is trained (towers frozen), MoE blocks as ZeRO-3 leaves

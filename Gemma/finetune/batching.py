@@ -76,7 +76,7 @@ def padding_efficiency(lengths: list[list[int]]) -> float:
 
 def epoch_padding_efficiency(split: Split, batch_size: int, group_size: int, seed: int) -> dict[str, float]:
     """padding_efficiency over one epoch of micro-batches, in length-grouped and in random order."""
-    lengths = [len(e["input_ids"]) for e in split.examples]
+    lengths = split.rows.data.column("length").to_numpy()
     orders = {"grouped": list(LengthGroupedSampler(split.group_lengths, group_size, seed)),
               "random": torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()}
     return {name: padding_efficiency([[lengths[i] for i in order[k:k + batch_size]]

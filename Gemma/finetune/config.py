@@ -47,6 +47,12 @@ class DataConfig:
     # An id in two files, or a train example identical to a validation or test one (profile, history, query and
     # target), makes the evaluation measure memory: such data is refused unless this is true (recorded in results.json).
     allow_overlap: bool = False
+    # Where prepared splits (checked, encoded, as Arrow) are kept and reused by every run that asks for the same
+    # (data.py, data_cache.py); relative to config.json. Null: <HF datasets cache>/gemma_prepared. On several nodes,
+    # storage they share makes one node prepare for all.
+    cache_dir: str | None = None
+    # Processes that prepare a split. Null: one per CPU (at most 8) for files of 20,000 records or more, else one.
+    preprocessing_num_workers: int | None = None
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 Every split keeps the same examples whatever the ablation: which records fit in max_length, and how many history
 items they keep, is decided on config.json's full prompt (prompts.PromptEncoder.fit_full_prompt).
+
+A split is prepared once: read through `datasets`, checked and encoded by a batched `map` over several processes,
+and stored as Arrow in the prepared-data cache (data_cache.py), which every rank of every run asking for the same
+split memory-maps. The Trainer reads the Arrow rows; no rank holds the examples as Python objects.
 """
 
 from __future__ import annotations
@@ -12,14 +16,22 @@ import difflib
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .config import MAX_AUTO_CHOICES, Config, FieldNames, PromptConfig
+from .data_cache import EXAMPLES_DIRNAME, cached_build, key_of, tokenizer_fingerprint
 from .errors import UserError
 from .prompts import SECTIONS, PromptEncoder, included, prompt_length, shown_fields
+from .run_identity import file_sha256
 from .settings import DATA_EXTENSIONS
 
 logger = logging.getLogger(__name__)
@@ -27,39 +39,54 @@ logger = logging.getLogger(__name__)
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(FieldNames))
 
 
-def read_records(path: Path, fields: FieldNames) -> list[dict]:
-    """Read a JSONL/JSON/CSV/Parquet file through `datasets` and return plain dicts keyed by the canonical names.
-    A number as target (a rating) becomes its text, as the model writes it: 4 (or 4.0) -> "4", 3.5 -> "3.5". CSV
-    cells are all read as text ("4" stays "4", not 4.0), and profile / history cells that hold JSON objects or lists
-    are decoded."""
+def load_table(path: Path, fields: FieldNames, cache_dir: Path | None = None) -> datasets.Dataset:
+    """A JSONL/JSON/CSV/Parquet file through `datasets`, its columns renamed to the canonical field names (a field
+    the file lacks stays absent). Arrow files go into `cache_dir`, else the table is held in memory. CSV cells are all
+    read as text ("4" stays "4", not 4.0)."""
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors are re-explained below, once
     builder = DATA_EXTENSIONS[path.suffix.lower()]
     if builder != "parquet" and path.stat().st_size < 4096 and not path.read_bytes().strip():
         raise UserError(f"{path}: the file holds no records.")  # datasets' own error for this is cryptic
+    where = {"cache_dir": str(cache_dir)} if cache_dir is not None else {"keep_in_memory": True}
     try:
-        features = _csv_as_text(path) if builder == "csv" else None
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True,
-                                   features=features)
-        rows = ds.to_list()  # Arrow defers some decoding (invalid UTF-8) to here
+        table = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                      features=_csv_as_text(path) if builder == "csv" else None, **where)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the file and the line
         raise UserError(_explain_unreadable(path, e)) from None
-    if not rows:
+    if len(table) == 0:
         raise UserError(f"{path}: the file holds no records.")
-    rename = {getattr(fields, name): name for name in RECORD_FIELDS}
-    records = [{canon: row.get(col) for col, canon in rename.items()} for row in rows]
-    for rec in records:
-        target = rec["target"]
-        if isinstance(target, (int, float)) and not isinstance(target, bool):  # Arrow may have made 4 into 4.0
-            rec["target"] = str(int(target)) if float(target).is_integer() else repr(float(target))
-        if builder == "csv":
-            for key in (section.name for section in SECTIONS):
-                if isinstance(rec[key], str) and rec[key].lstrip()[:1] in ("{", "["):
-                    try:
-                        rec[key] = json.loads(rec[key])
-                    except json.JSONDecodeError:
-                        pass
-    return records
+    rename = {getattr(fields, name): name for name in RECORD_FIELDS if getattr(fields, name) in table.column_names}
+    return table.select_columns(list(rename)).rename_columns(rename)
+
+
+def normalize_record(row: dict, csv_cells: bool) -> dict:
+    """A row of load_table as a record with every canonical field. A number as target (a rating) becomes its text, as
+    the model writes it: 4 (or 4.0) -> "4", 3.5 -> "3.5". CSV profile / history cells that hold JSON objects or
+    lists are decoded."""
+    rec = {name: row.get(name) for name in RECORD_FIELDS}
+    target = rec["target"]
+    if isinstance(target, (int, float)) and not isinstance(target, bool):  # Arrow may have made 4 into 4.0
+        rec["target"] = str(int(target)) if float(target).is_integer() else repr(float(target))
+    if csv_cells:
+        for key in (section.name for section in SECTIONS):
+            if isinstance(rec[key], str) and rec[key].lstrip()[:1] in ("{", "["):
+                try:
+                    rec[key] = json.loads(rec[key])
+                except json.JSONDecodeError:
+                    pass
+    return rec
+
+
+def read_records(path: Path, fields: FieldNames) -> list[dict]:
+    """Every record of a data file as a plain dict keyed by the canonical names (load_table, normalize_record)."""
+    table = load_table(path, fields)
+    try:
+        rows = table.to_list()  # Arrow defers some decoding (invalid UTF-8) to here
+    except Exception as e:  # noqa: BLE001
+        raise UserError(_explain_unreadable(path, e)) from None
+    csv_cells = DATA_EXTENSIONS[path.suffix.lower()] == "csv"
+    return [normalize_record(row, csv_cells) for row in rows]
 
 
 def _csv_as_text(path: Path) -> datasets.Features:
@@ -69,14 +96,25 @@ def _csv_as_text(path: Path) -> datasets.Features:
     return datasets.Features({column: datasets.Value("string") for column in header})
 
 
-def record_locations(path: Path, count: int) -> list[str]:
-    """Where each record is, as a person finds it: "<file>: line N" in a JSONL file (blank lines, which the reader
-    skips, counted), "<file>: record N" in the other formats."""
+def record_line_numbers(path: Path) -> np.ndarray | None:
+    """The line of each record of a JSONL file (blank lines, which the reader skips, counted), read as a stream;
+    None for the other formats, whose records are numbered."""
     if path.suffix.lower() != ".jsonl":
-        return [f"{path}: record {i}" for i in range(1, count + 1)]
-    lines = [n for n, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
-    return [f"{path}: line {n}" for n in lines[:count]] + [f"{path}: record {i}" for i in range(len(lines) + 1,
-                                                                                                   count + 1)]
+        return None
+    with open(path, "rb") as f:
+        return np.fromiter((n for n, line in enumerate(f, 1) if line.strip()), dtype=np.int64)
+
+
+def record_location(path: Path, lines: np.ndarray | None, index: int) -> str:
+    """Where record `index` (from 0) is, as a person finds it: "<file>: line N" or "<file>: record N"."""
+    if lines is not None and index < len(lines):
+        return f"{path}: line {lines[index]}"
+    return f"{path}: record {index + 1}"
+
+
+def record_locations(path: Path, count: int) -> list[str]:
+    lines = record_line_numbers(path)
+    return [record_location(path, lines, i) for i in range(count)]
 
 
 def _explain_unreadable(path: Path, error: Exception) -> str:
@@ -131,41 +169,50 @@ def check_record(rec: dict, where: str, prompt: PromptConfig) -> list[str]:
     return problems
 
 
-def section_objects(records: list[dict], section_name: str) -> list[dict]:
-    """The objects a section's attributes are read from, in every record: the profile, or each history item."""
-    objects = []
-    for rec in records:
-        value = rec[section_name]
-        for obj in value if isinstance(value, list) else [value]:
-            if isinstance(obj, dict):
-                objects.append(obj)
-    return objects
+def record_attributes(rec: dict) -> dict[str, list[str] | None]:
+    """For each section, the attributes its objects (the profile, or each history item) have with a value, in order;
+    None when the record has no object there (Arrow gives an attribute a record lacks null, so null is no attribute)."""
+    found = {}
+    for section in SECTIONS:
+        value = rec[section.name]
+        objects = [obj for obj in (value if isinstance(value, list) else [value]) if isinstance(obj, dict)]
+        found[section.name] = (list(dict.fromkeys(k for obj in objects for k, v in obj.items() if v is not None))
+                               if objects else None)
+    return found
 
 
-def attribute_names(objects: list[dict]) -> list[str]:
-    """Every attribute that some object has with a value, in first-seen order (Arrow gives an attribute a record
-    lacks null, so null is no attribute)."""
-    return list(dict.fromkeys(k for obj in objects for k, v in obj.items() if v is not None))
+def merge_attributes(parts: Iterable[dict[str, list[str] | None]]) -> dict[str, list[str] | None]:
+    """record_attributes of many records as one: every attribute in first-seen order; None where no record had an
+    object."""
+    merged: dict[str, dict | None] = {section.name: None for section in SECTIONS}
+    for part in parts:
+        for name, attributes in part.items():
+            if attributes is not None:
+                merged[name] = merged[name] or {}
+                merged[name].update(dict.fromkeys(attributes))
+    return {name: None if seen is None else list(seen) for name, seen in merged.items()}
 
 
-def field_list_problems(records: list[dict], path: Path, prompt: PromptConfig) -> list[str]:
+def present_attributes(records: Iterable[dict]) -> dict[str, list[str] | None]:
+    return merge_attributes(map(record_attributes, records))
+
+
+def field_list_problems(present: dict[str, list[str] | None], path: Path, prompt: PromptConfig) -> list[str]:
     """Each name in prompt.<section>_fields must be an attribute that some record of the (training) file has, with a
-    value: a misspelt name would otherwise show nothing, silently, in every example. A name that only some records
-    have is shown where they have it (Arrow gives the others null, which renders as absent)."""
+    value (`present`: present_attributes of its records): a misspelt name would otherwise show nothing, silently, in
+    every example. A name that only some records have is shown where they have it."""
     problems = []
     for section in SECTIONS:
-        names = shown_fields(prompt, section)
-        objects = section_objects(records, section.name)
-        if names is None or not objects:  # no object at all: check_record has said why (strings, or missing)
+        names, have = shown_fields(prompt, section), present[section.name]
+        if names is None or have is None:  # no object at all: check_record has said why (strings, or missing)
             continue
-        present = attribute_names(objects)
         what = "history item" if section.is_list else section.name
         for name in names:
-            if name not in present:
-                close = difflib.get_close_matches(name, present, n=1)
+            if name not in have:
+                close = difflib.get_close_matches(name, have, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 problems.append(f"{path}: prompt.{section.name}_fields: no {what} in this file has an attribute "
-                                f"{name!r}.{hint} Its {what}s have: {', '.join(present)}.")
+                                f"{name!r}.{hint} Its {what}s have: {', '.join(have)}.")
     return problems
 
 
@@ -197,36 +244,82 @@ class SplitStats:
     max_target_tokens: int = 0  # target + <end_of_turn>: the supervised positions of the longest answer
 
 
+MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")  # what the Trainer and the evaluation feed the model
+INT32_LIST = datasets.List(datasets.Value("int32"))
+STRINGS = datasets.List(datasets.Value("string"))
+# One row per example of a prepared split. group_length: the example's tokens with the FULL prompt, the same in every
+# ablation, so length grouping batches the same examples together whichever sections the prompt holds. index: its
+# record's position in the data file; history_items: the history items it keeps.
+EXAMPLE_FEATURES = datasets.Features({
+    "input_ids": INT32_LIST, "attention_mask": datasets.List(datasets.Value("int8")), "labels": INT32_LIST,
+    "length": datasets.Value("int32"), "group_length": datasets.Value("int32"),
+    "target_tokens": datasets.Value("int32"), "id": datasets.Value("string"), "target": datasets.Value("string"),
+    "content_hash": datasets.Value("string"), "index": datasets.Value("int64"),
+    "history_items": datasets.Value("int32"),
+})
+# What the preparation also says of every record, checked once all are prepared, then dropped.
+RECORD_FEATURES = datasets.Features({
+    **EXAMPLE_FEATURES, "problems": STRINGS, "dropped": datasets.Value("bool"), "shortened": datasets.Value("bool"),
+    "outgrown": datasets.Value("string"), "raw_id": datasets.Value("string"),
+    **{f"{section.name}_attributes": STRINGS for section in SECTIONS},
+})
+# Fewer records are prepared in one process: starting workers costs more than it saves.
+PARALLEL_FROM_RECORDS = 20_000
+MAX_WORKERS = 8
+
+
 @dataclass
 class Split:
-    examples: list[dict]  # input_ids, attention_mask, labels
-    ids: list[str]
-    targets: list[str]
+    """One split's examples, memory-mapped from the prepared-data cache: `rows` has EXAMPLE_FEATURES' columns."""
+
+    rows: datasets.Dataset
     stats: SplitStats
-    # Tokens of each example with the FULL prompt: the same in every ablation, so length grouping batches the same
-    # examples together whichever sections the prompt holds, and runs stay comparable.
-    group_lengths: list[int] = field(default_factory=list)
+    path: Path  # the data file, for where each record is
     # The first record that became an example, with the history items it keeps: what --dry_run shows.
-    first_record: dict = field(default_factory=dict)
-    first_history_items: int = 0
-    content_hashes: list[str] = field(default_factory=list)  # content_hash of each example's record
-    locations: list[str] = field(default_factory=list)  # where each example's record is (file and line)
+    first_record: dict
+    first_history_items: int
+
+    def __len__(self) -> int:
+        return self.rows.num_rows
+
+    @property
+    def examples(self) -> datasets.Dataset:
+        """The model inputs: input_ids, attention_mask, labels."""
+        return self.rows.select_columns(list(MODEL_COLUMNS))
+
+    def column(self, name: str) -> list:
+        return self.rows.data.column(name).to_pylist()
+
+    @property
+    def ids(self) -> list[str]:
+        return self.column("id")
+
+    @property
+    def targets(self) -> list[str]:
+        return self.column("target")
+
+    @property
+    def group_lengths(self) -> np.ndarray:
+        return self.rows.data.column("group_length").to_numpy()
+
+    @property
+    def locations(self) -> list[str]:
+        lines = record_line_numbers(self.path)
+        return [record_location(self.path, lines, index) for index in self.column("index")]
 
 
-def record_problems(records: list[dict], locations: list[str], prompt: PromptConfig,
-                    encoder: PromptEncoder) -> list[str]:
-    """Everything wrong with a file's records: types, empty targets, control tokens in the text, duplicate ids."""
-    problems = []
-    for rec, where in zip(records, locations, strict=True):
-        problems += check_record(rec, where, prompt)
-        for key in RECORD_FIELDS:
-            value = rec[key]
-            text = value if isinstance(value, str) or value is None else json.dumps(value, ensure_ascii=False)
-            if key != "id" and text and (tokens := encoder.control_tokens_in(text)):
-                problems.append(f"{where}: {key} holds {', '.join(map(repr, tokens))}, the tokenizer's control "
-                                "token text: the model would read it as markup, not as the user's words. Remove or "
-                                "rewrite it in the data (e.g. 'end of turn').")
-    return problems + duplicate_ids([rec["id"] for rec in records], locations)
+def record_problems(rec: dict, where: str, prompt: PromptConfig, encoder: PromptEncoder) -> list[str]:
+    """Everything wrong with one record: types, empty target, control tokens in the text (duplicate ids are found
+    over the whole file, by duplicate_ids)."""
+    problems = check_record(rec, where, prompt)
+    for key in RECORD_FIELDS:
+        value = rec[key]
+        text = value if isinstance(value, str) or value is None else json.dumps(value, ensure_ascii=False)
+        if key != "id" and text and (tokens := encoder.control_tokens_in(text)):
+            problems.append(f"{where}: {key} holds {', '.join(map(repr, tokens))}, the tokenizer's control "
+                            "token text: the model would read it as markup, not as the user's words. Remove or "
+                            "rewrite it in the data (e.g. 'end of turn').")
+    return problems
 
 
 def content_hash(record: dict) -> str:
@@ -235,48 +328,144 @@ def content_hash(record: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> Split:
-    """Read, check, truncate and encode one data file."""
-    records = read_records(path, cfg.data.fields)
-    locations = record_locations(path, len(records))
-    problems = record_problems(records, locations, cfg.prompt, encoder)
-    if split == "train":
-        problems += field_list_problems(records, path, cfg.prompt)
+@dataclass(frozen=True)
+class Preparation:
+    """What each process preparing a file's records needs (it is sent to them): prepare_records' settings."""
+
+    split: str
+    path: Path
+    lines: np.ndarray | None  # record_line_numbers
+    csv_cells: bool
+    prompt: PromptConfig  # the run's: what its examples show
+    encoder: PromptEncoder
+
+
+def prepare_record(rec: dict, index: int, job: Preparation) -> dict:
+    """One record -> its RECORD_FEATURES row: checked, fitted on the full prompt (dropped when nothing fits, its
+    history shortened when not all of it does), then encoded with the run's prompt."""
+    where = record_location(job.path, job.lines, index)
+    encoder = job.encoder
+    row = {"problems": record_problems(rec, where, job.prompt, encoder), "dropped": False, "shortened": False,
+           "outgrown": None, "raw_id": None if rec["id"] is None else str(rec["id"]), "index": index,
+           "id": str(rec["id"]) if rec["id"] is not None else f"{job.split}:{index}",
+           "target": rec["target"].strip() if isinstance(rec["target"], str) else "",
+           "content_hash": content_hash(rec), "input_ids": [], "attention_mask": [], "labels": [], "length": 0,
+           "group_length": 0, "target_tokens": 0, "history_items": 0,
+           **{f"{name}_attributes": found for name, found in record_attributes(rec).items()}}
+    if row["problems"]:
+        return row
+    target_len = len(encoder.target_ids(rec["target"]))
+    if target_len >= encoder.max_length:
+        row["problems"].append(f"{where}: the target alone is {target_len} tokens, which leaves no room for a prompt "
+                               f"in training.max_length={encoder.max_length}. Raise max_length or shorten the target.")
+        return row
+    fitted = encoder.fit_full_prompt(rec, target_len)
+    if fitted is None:
+        row["dropped"] = True
+        return row
+    kept, row["group_length"] = fitted
+    example = encoder.encode(rec, job.prompt, kept)
+    length = len(example["input_ids"])
+    row.update(example, length=length, target_tokens=length - prompt_length(example), history_items=kept,
+               shortened=kept < len(rec["history"] or []))
+    if length > encoder.max_length:  # longer with the run's prompt than with the full prompt it was fitted on
+        row["outgrown"] = f"{where} ({length} tokens)"
+    return row
+
+
+def prepare_records(batch: dict[str, list], indices: list[int], job: Preparation) -> dict[str, list]:
+    """Dataset.map's function: a batch of load_table rows -> RECORD_FEATURES columns."""
+    rows = [prepare_record(normalize_record({k: v[j] for k, v in batch.items()}, job.csv_cells), index, job)
+            for j, index in enumerate(indices)]
+    return {name: [row[name] for row in rows] for name in RECORD_FEATURES}
+
+
+def preparation_workers(records: int, configured: int | None) -> int:
+    """data.preprocessing_num_workers, or by default one process per CPU (at most MAX_WORKERS) for large files."""
+    if configured is not None:
+        return configured
+    return min(MAX_WORKERS, len(os.sched_getaffinity(0))) if records >= PARALLEL_FROM_RECORDS else 1
+
+
+def _problems_in(prepared: datasets.Dataset, path: Path, lines: np.ndarray | None, split: str,
+                 prompt: PromptConfig) -> list[str]:
+    """Every record's problems, the ids used twice, and (training file) the field lists' unknown names."""
+    found = prepared.data.column("problems")
+    problems = [p for row in pc.filter(found, pc.greater(pc.list_value_length(found), 0)).to_pylist() for p in row]
+    raw_ids = prepared.data.column("raw_id")
+    counts = pc.value_counts(raw_ids.drop_null())
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        rows = np.flatnonzero(pc.is_in(raw_ids, value_set=repeated).to_numpy(zero_copy_only=False))
+        problems += duplicate_ids([raw_ids[int(i)].as_py() for i in rows],
+                                  [record_location(path, lines, int(i)) for i in rows])
+    if split == "train":  # merge_attributes in Arrow: the distinct names in first-seen order, None where all null
+        columns = {section.name: prepared.data.column(f"{section.name}_attributes") for section in SECTIONS}
+        present = {name: None if column.null_count == len(column) else pc.unique(pc.list_flatten(column)).to_pylist()
+                   for name, column in columns.items()}
+        problems += field_list_problems(present, path, prompt)
+    return problems
+
+
+def prepare_split(directory: Path, path: Path, split: str, cfg: Config, encoder: PromptEncoder) -> dict:
+    """Read, check, fit and encode one data file into `directory` (a cache entry being built): the examples as Arrow
+    under examples/, and what the manifest holds (statistics, first record, the processes used)."""
+    work = directory / "work"  # the file's Arrow copy and the map's output, removed once the examples are saved
+    table = load_table(path, cfg.data.fields, cache_dir=work / "read")
+    csv_cells = DATA_EXTENSIONS[path.suffix.lower()] == "csv"
+    lines = record_line_numbers(path)
+    workers = preparation_workers(len(table), cfg.data.preprocessing_num_workers)
+    job = Preparation(split, path, lines, csv_cells, cfg.prompt, encoder)
+    try:
+        prepared = table.map(prepare_records, batched=True, batch_size=500, with_indices=True, fn_kwargs={"job": job},
+                             num_proc=workers if workers > 1 else None, remove_columns=table.column_names,
+                             features=RECORD_FEATURES, cache_file_name=str(work / "prepared.arrow"),
+                             new_fingerprint=directory.name)
+    except (UnicodeDecodeError, pa.ArrowException) as e:  # Arrow defers some decoding (invalid UTF-8) to here
+        raise UserError(_explain_unreadable(path, e)) from None
+    problems = _problems_in(prepared, path, lines, split, cfg.prompt)
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more problems in {path}"] if len(problems) > 20 else [])
         raise UserError(shown)
-    examples, ids, targets, group_lengths, hashes, kept_at = [], [], [], [], [], []
-    first: tuple[dict, int] | None = None
-    shortened = dropped = 0
-    too_long: list[str] = []  # longer with the run's prompt than with the full prompt they were fitted on
-    for i, rec in enumerate(records):
-        target_len = len(encoder.target_ids(rec["target"]))
-        if target_len >= encoder.max_length:
-            raise UserError(f"{locations[i]}: the target alone is {target_len} tokens, which leaves no room for a "
-                            f"prompt in training.max_length={encoder.max_length}. Raise max_length or shorten the "
-                            "target.")
-        fitted = encoder.fit_full_prompt(rec, target_len)
-        if fitted is None:
-            dropped += 1
-            continue
-        kept, full_length = fitted
-        first = first or (rec, kept)
-        group_lengths.append(full_length)
-        shortened += kept < len(rec["history"] or [])
-        examples.append(encoder.encode(rec, cfg.prompt, kept))
-        if len(examples[-1]["input_ids"]) > encoder.max_length:
-            too_long.append(f"{locations[i]} ({len(examples[-1]['input_ids'])} tokens)")
-        ids.append(str(rec["id"]) if rec["id"] is not None else f"{split}:{i}")
-        targets.append(rec["target"].strip())
-        hashes.append(content_hash(rec))
-        kept_at.append(locations[i])
-    if first is None:
+    dropped = prepared.data.column("dropped").to_numpy()
+    if dropped.all():
         raise UserError(f"{path}: no record fits in training.max_length={encoder.max_length} even without history; "
                         "raise max_length.")
-    if too_long:
-        raise UserError(outgrown_problem(too_long, cfg.prompt, encoder))
-    stats = split_stats(examples, ids, len(records), dropped, shortened)
-    return Split(examples, ids, targets, stats, group_lengths, *first, content_hashes=hashes, locations=kept_at)
+    outgrown = prepared.data.column("outgrown").drop_null().to_pylist()
+    if outgrown:
+        raise UserError(outgrown_problem(outgrown, cfg.prompt, encoder))
+    kept = prepared.select(np.flatnonzero(~dropped)).select_columns(list(EXAMPLE_FEATURES))
+    kept.save_to_disk(str(directory / EXAMPLES_DIRNAME))
+    examples = datasets.load_from_disk(str(directory / EXAMPLES_DIRNAME))  # its table holds the kept rows alone
+    first = examples[0]
+    first_record = normalize_record(table[int(first["index"])], csv_cells)
+    stats = split_stats(examples, records=len(table), dropped=int(dropped.sum()),
+                        shortened=int(prepared.data.column("shortened").to_numpy().sum()))
+    del table, prepared, kept, examples
+    shutil.rmtree(work)
+    return {"split": split, "data_file": str(path), "workers": workers, "stats": dataclasses.asdict(stats),
+            "first_record": first_record, "first_history_items": first["history_items"]}
+
+
+def default_cache_dir() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE) / "gemma_prepared"
+
+
+def build_split(path: Path, split: str, cfg: Config, encoder: PromptEncoder, cache_dir: Path | None = None) -> Split:
+    """One data file as a prepared split: from the cache (data.cache_dir resolved, else default_cache_dir()) when it
+    holds this file prepared with these settings (any process of any run may have built it), else prepared here and
+    stored there first (data_cache.cached_build)."""
+    key = key_of({"split": split, "data_sha256": file_sha256(path), "fields": dataclasses.asdict(cfg.data.fields),
+                  "max_length": encoder.max_length, "prompt": dataclasses.asdict(cfg.prompt),
+                  "encoder_prompt": dataclasses.asdict(encoder.prompt),
+                  "fitted_on": dataclasses.asdict(encoder.full_prompt),
+                  "tokenizer": tokenizer_fingerprint(encoder.tokenizer)})
+    entry, manifest, built = cached_build(cache_dir or default_cache_dir(), key, lambda d: prepare_split(d, path, split, cfg, encoder))
+    rows = datasets.load_from_disk(str(entry / EXAMPLES_DIRNAME))
+    logger.info("%s: %s (%s)", split, f"prepared in {manifest['built_s']} s with {manifest['workers']} process(es)"
+                if built else "prepared data from the cache", entry)
+    return Split(rows, SplitStats(**manifest["stats"]), path, manifest["first_record"],
+                 manifest["first_history_items"])
 
 
 @dataclass(frozen=True)
@@ -336,13 +525,24 @@ def resolve_answer_choices(setting: str | list[str] | None, train_targets: list[
     return answers
 
 
+def training_targets(path: Path, fields: FieldNames) -> list[str]:
+    """The distinct non-empty targets of a training file, as prepared examples hold them (stripped; numbers as text),
+    read from its target column alone."""
+    table = load_table(path, fields)
+    if "target" not in table.column_names:
+        return []
+    csv_cells = DATA_EXTENSIONS[path.suffix.lower()] == "csv"
+    targets = (normalize_record({"target": t}, csv_cells)["target"] for t in table.data.column("target").unique()
+               .to_pylist())
+    return sorted({t.strip() for t in targets if isinstance(t, str) and t.strip()})
+
+
 def answer_choices_for(cfg: Config, train_file: Path, test: Split | None) -> AnswerChoices | None:
     """evaluation.answer_choices resolved against the data ("auto": the training file's distinct targets) and checked
     against the test targets (resolve_answer_choices), logged; None without a test file."""
     setting, train_targets = cfg.evaluation.answer_choices, None
     if setting == "auto" and test is not None:
-        train_targets = [r["target"].strip() for r in read_records(train_file, cfg.data.fields)
-                         if isinstance(r["target"], str) and r["target"].strip()]
+        train_targets = training_targets(train_file, cfg.data.fields)
     answers = resolve_answer_choices(setting, train_targets, test)
     if setting is not None and answers is not None:
         logger.info("Answer choices (%s): %s", answers.source,
@@ -363,6 +563,11 @@ def outgrown_problem(too_long: list[str], prompt: PromptConfig, encoder: PromptE
             "config.json the longest system text and instruction of the study, or raise training.max_length.")
 
 
+def _shared(a: pa.ChunkedArray, b: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The values of `a` that are also in `b` (Arrow's hash join: no Python set of a large split's values)."""
+    return pc.filter(a, pc.is_in(a, value_set=b.combine_chunks()))
+
+
 def overlap(splits: dict[str, Split]) -> dict[str, dict]:
     """What the splits share: ids in two splits, and examples whose whole content (profile, history, query and target)
     appears in both train and an evaluation split. Either makes an evaluation measure memory, not skill."""
@@ -370,15 +575,20 @@ def overlap(splits: dict[str, Split]) -> dict[str, dict]:
     names = list(splits)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            shared = sorted(set(splits[a].ids) & set(splits[b].ids))
+            shared = sorted(set(_shared(splits[a].rows.data.column("id"), splits[b].rows.data.column("id"))
+                                .to_pylist()))
             if shared:
                 found[f"{a}/{b}"] = {"shared_ids": len(shared), "examples": shared[:3]}
     train = splits.get("train")
     for name in ("validation", "test"):
         if train is None or name not in splits:
             continue
-        positions = {h: k for k, h in enumerate(splits[name].content_hashes)}
-        same = [splits[name].ids[positions[h]] for h in set(train.content_hashes) if h in positions]
+        rows = splits[name].rows.data
+        hashes = _shared(train.rows.data.column("content_hash"), rows.column("content_hash")).unique()
+        # one id per identical content: the last example of the split that has it
+        last = {h: record_id for h, record_id in zip(rows.column("content_hash").to_pylist(),
+                                                     rows.column("id").to_pylist(), strict=True)}
+        same = [last[h] for h in hashes.to_pylist()]
         if same:
             found.setdefault(f"train/{name}", {}).update(identical_examples=len(same), identical=sorted(same)[:3])
     return found
@@ -400,12 +610,19 @@ def overlap_problems(found: dict[str, dict]) -> list[str]:
     return problems
 
 
-def split_stats(examples: list[dict], ids: list[str], records: int, dropped: int, shortened: int) -> SplitStats:
-    lengths = sorted(len(e["input_ids"]) for e in examples)
+def split_stats(examples: datasets.Dataset, records: int, dropped: int, shortened: int) -> SplitStats:
+    """The statistics of a split's EXAMPLE_FEATURES rows; the ids hash is sha256 over the ids joined by newlines,
+    taken in chunks so that a large split is never joined in memory."""
+    lengths = np.sort(examples.data.column("length").to_numpy())
+    digest, first = hashlib.sha256(), True
+    for chunk in examples.data.column("id").chunks:
+        for record_id in chunk.to_pylist():
+            digest.update((record_id if first else "\n" + record_id).encode())
+            first = False
     return SplitStats(
-        records=records, examples=len(examples), dropped_too_long=dropped, history_shortened=shortened,
-        ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-        mean_tokens=round(sum(lengths) / len(lengths), 2), max_tokens=lengths[-1],
-        p50_tokens=lengths[len(lengths) // 2], p95_tokens=lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
-        max_target_tokens=max(len(e["labels"]) - prompt_length(e) for e in examples),
+        records=records, examples=len(lengths), dropped_too_long=dropped, history_shortened=shortened,
+        ids_sha256=digest.hexdigest(), mean_tokens=round(float(lengths.mean()), 2), max_tokens=int(lengths[-1]),
+        p50_tokens=int(lengths[len(lengths) // 2]), p95_tokens=int(lengths[min(len(lengths) - 1,
+                                                                               int(0.95 * len(lengths)))]),
+        max_target_tokens=int(pc.max(examples.data.column("target_tokens")).as_py()),
     )

@@ -97,7 +97,7 @@ def sections_design() -> Design:
 def profile_attributes(records: list[dict], path: Path) -> list[str]:
     """The attributes of the records' profiles (those with a value), in first-seen order. A string profile has no
     attribute to leave out: refused, naming the record."""
-    from .data import attribute_names  # data imports `datasets`: only a design that reads records pays for it
+    from .data import present_attributes  # data imports `datasets`: only a design that reads records pays for it
 
     strings = [i for i, rec in enumerate(records) if isinstance(rec.get("profile"), str)]
     if strings:
@@ -106,7 +106,7 @@ def profile_attributes(records: list[dict], path: Path) -> list[str]:
                         f"{len(strings)} of its {len(records)} records do; --design leave_one_out leaves out one "
                         "profile attribute at a time, so it needs object profiles ({\"age\": 34, \"occupation\": "
                         "...}). Give the profiles as objects, or compare whole sections with --design sections.")
-    return attribute_names([rec["profile"] for rec in records if isinstance(rec.get("profile"), dict)])
+    return present_attributes(records)["profile"] or []
 
 
 def _file_name(text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -79,7 +80,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
     return answers
 
 
-def evaluate_test(model: Any, tokenizer: Any, examples: list[dict], ids: list[str], targets: list[str],
+def evaluate_test(model: Any, tokenizer: Any, examples: Sequence[dict], ids: list[str], targets: list[str],
                   batch_size: int, max_new_tokens: int, device: Any, end_of_turn_id: int,
                   choices: list[str] | None = None, choice_ids: list[list[int]] | None = None) -> list[dict] | None:
     """Per-example target loss and answer for every example, sharded over the ranks. The answer is the greedy one,
@@ -130,17 +131,17 @@ def run_test_evaluation(model: Any, encoder: PromptEncoder, test: Split, cfg: Co
     """Test loss, perplexity and answers (greedy, or the most likely of the answer choices): (metrics, prediction
     rows) on rank 0, None elsewhere. `device` is where the Trainer runs: under ZeRO-3 the parameters are placeholders
     that cannot say."""
-    n = min(len(test.examples), cfg.evaluation.max_test_examples or len(test.examples))
+    n = min(len(test), cfg.evaluation.max_test_examples or len(test))
     choices = answer_choices.choices if answer_choices else None
     logger.info("Test evaluation: loss and %s for %d of %d test examples.",
                 f"the likelihood of {len(choices)} answer choices" if choices else "greedy answers", n,
-                len(test.examples))
-    rows = evaluate_test(model, encoder.tokenizer, test.examples[:n], test.ids[:n], test.targets[:n],
+                len(test))
+    rows = evaluate_test(model, encoder.tokenizer, test.examples.select(range(n)), test.ids[:n], test.targets[:n],
                          cfg.training.eval_batch_size, cfg.evaluation.max_new_tokens, device, encoder.end_of_turn_id,
                          choices, [encoder.target_ids(c) for c in choices] if choices else None)
     if rows is None:
         return None
-    metrics = score_predictions(rows, len(test.examples), choices)
+    metrics = score_predictions(rows, len(test), choices)
     if answer_choices is not None:
         metrics["answer_choices"] = answer_choices.record()
     shown = {k: metrics[k] for k in ("exact_match", "macro_f1", "auc", "mae", "rmse", "expected_mae",

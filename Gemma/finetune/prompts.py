@@ -140,6 +140,8 @@ class PromptEncoder:
         self.chat = ChatFormat.of(tokenizer, self.prompt.enable_thinking)
         self.end_of_turn_id = self.chat.end_of_turn_id
         self.bos_id = tokenizer.bos_token_id
+        self._last_ids: tuple[tuple[str, str | None], list[int]] | None = None
+        self._target_ids: dict[str, list[int]] = {}
 
     @classmethod
     def for_prompt(cls, tokenizer: Any, max_length: int, prompt: PromptConfig,
@@ -191,14 +193,24 @@ class PromptEncoder:
         return self._ids(user_message, self.prompt.system)
 
     def _ids(self, user_message: str, system: str | None) -> list[int]:
+        # Preparing a record renders the chat template and tokenizes for fit_full_prompt, then again for encode: the
+        # same text whenever the run's prompt shows what the full prompt does. The last result serves the second.
+        if self._last_ids is not None and self._last_ids[0] == (user_message, system):
+            return list(self._last_ids[1])
         text = self.chat.prompt_text(self.tokenizer, user_message, system)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids  # exactly one BOS, whether or not the template wrote it
-        return ids
+        self._last_ids = ((user_message, system), ids)
+        return list(ids)
 
     def target_ids(self, target: str) -> list[int]:
-        return self.tokenizer(target.strip(), add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
+        if (ids := self._target_ids.get(target)) is None:  # answers repeat (a genre, a rating): tokenized once each
+            if len(self._target_ids) >= 4096:
+                self._target_ids.clear()
+            ids = self._target_ids[target] = (self.tokenizer(target.strip(), add_special_tokens=False)["input_ids"]
+                                              + [self.end_of_turn_id])
+        return list(ids)
 
     def fitting_history(self, record: dict, target_len: int) -> int | None:
         """How many of the most recent history items fit with the FULL prompt (every section, all history), whatever

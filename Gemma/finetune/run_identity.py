@@ -24,7 +24,7 @@ from .outputs import IDENTITY_NAME, resolve_resume
 CADENCE_KEYS = frozenset({
     "training.logging_steps", "training.eval_steps", "training.save_steps", "training.save_total_limit",
     "training.report_to", "training.eval_batch_size", "training.activation_checkpointing",
-    "model.attn_implementation", "data.allow_overlap",
+    "model.attn_implementation", "data.allow_overlap", "data.cache_dir", "data.preprocessing_num_workers",
 })
 CADENCE_SECTIONS = ("evaluation.", "deepspeed.")
 # Compared by what they hold (data_files, model), not by where they are: a moved file is the same file.

@@ -259,6 +259,8 @@ def validate_config(cfg: Config, config_path: Path, sources: dict[str, str] | No
     need(0 <= t.seed <= MAX_SEED, "training.seed", f"must be in [0, {MAX_SEED}], got {t.seed}.")
     need(all(math.isfinite(getattr(t, k)) for k in ("learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm")),
          "training", "learning_rate, warmup_ratio, weight_decay and max_grad_norm must be finite numbers.")
+    need(cfg.data.preprocessing_num_workers is None or cfg.data.preprocessing_num_workers >= 1,
+         "data.preprocessing_num_workers", "must be at least 1, or null for one per CPU on large files.")
     need(cfg.prompt.max_history_items is None or cfg.prompt.max_history_items >= 0, "prompt.max_history_items",
          "must be >= 0, or null for all.")
     prompt_problems(cfg.prompt, check)

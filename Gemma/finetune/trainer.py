@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -32,10 +31,6 @@ from .outputs import ADAPTER_DIRNAME, FINAL_DIRNAME, library_versions, loss_summ
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-
-def as_dataset(examples: list[dict]) -> datasets.Dataset:
-    return datasets.Dataset.from_list(examples)
 
 
 def build_training_arguments(cfg: Config, output_dir: Path, ds_config: dict, evaluate: bool,
@@ -195,8 +190,8 @@ def build_trainer(cfg: Config, model_path: str, training_args: TrainingArguments
     return GuardedTrainer(
         model=load_model(model_path, cfg),  # with what is not trained (vision / audio towers) frozen
         args=training_args,
-        train_dataset=as_dataset(splits["train"].examples) if "train" in splits else None,
-        eval_dataset=as_dataset(splits["validation"].examples) if "validation" in splits else None,
+        train_dataset=splits["train"].examples if "train" in splits else None,
+        eval_dataset=splits["validation"].examples if "validation" in splits else None,
         processing_class=tokenizer,
         data_collator=SupervisedPositionsCollator(tokenizer, padding_free,
                                                   cfg.model.attn_implementation == "flash_attention_2"),

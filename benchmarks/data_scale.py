@@ -1,0 +1,130 @@
+"""Benchmark (not a test): preparing the training split at scale, first build vs reuse of the prepared-data cache.
+
+For each size, writes that many synthetic demo records (Gemma/make_demo_data.py's users), then starts 1 and then 2
+processes at once, as the ranks of a launch would, each preparing the split with Gemma/train_deepspeed.py's own
+calls (load_settings, load_tokenizer, PromptEncoder, build_split) into a fresh cache: one builds, the others wait and
+memory-map what it wrote. Then the same again, served from the cache. Each process reports its wall time for the
+split, its resident memory before (torch, transformers, datasets and the tokenizer loaded) and at its peak, and the
+peak of the preparation workers it started. Prints the table and records it in benchmarks/results/data_scale.md.
+
+    .venv/bin/python benchmarks/data_scale.py [--sizes 10000 100000 1000000] [--ranks 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "Gemma"))
+RECORD_NAME = "data_scale.md"
+
+
+def write_records(path: Path, count: int) -> None:
+    import make_demo_data as demo
+
+    defaults, _ = demo.parse_args([])
+    with open(path, "w", encoding="utf-8") as f:
+        for start in range(0, count, 10_000):
+            f.write(demo.to_jsonl(demo.make_user(i, defaults.seed, defaults.occupation_prob, defaults.flip_prob)
+                                  for i in range(start, min(count, start + 10_000))))
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def prepare(train_file: Path, cache: Path) -> dict:
+    """One process: the split as a run's rank prepares it (the demo config, profile_and_history)."""
+    from finetune.data import build_split
+    from finetune.prompts import PromptEncoder, load_tokenizer
+    from finetune.settings import load_settings, resolve_path
+
+    config = REPO / "config.json"
+    cfg, ablation = load_settings(config, "profile_and_history", [])
+    tokenizer = load_tokenizer(str(resolve_path(cfg.model.model_name_or_path, config.parent)))
+    encoder = PromptEncoder.for_prompt(tokenizer, cfg.training.max_length, cfg.prompt, ablation.study_prompt)
+    before = rss_mb()
+    started = time.perf_counter()
+    split = build_split(train_file, "train", cfg, encoder, cache)
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "examples": len(split), "rss_before_mb": before,
+            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "workers_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def run_ranks(ranks: int, train_file: Path, cache: Path) -> list[dict]:
+    """`ranks` processes preparing the split at once; their reports."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--prepare", str(train_file), str(cache)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(ranks)]
+    reports = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"a preparing process failed (exit {proc.returncode})")
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--record", type=Path, default=REPO / "benchmarks" / "results" / RECORD_NAME)
+    p.add_argument("--prepare", nargs=2, type=Path, help=argparse.SUPPRESS)  # one preparing process (internal)
+    args = p.parse_args(argv)
+    if args.prepare:
+        print(json.dumps(prepare(*args.prepare)))
+        return 0
+
+    rows = ["| records | ranks | first build: wall (s) | resident before → peak, per rank (MB) | workers' peak (MB) | "
+            "cached: wall (s) | cached: peak per rank (MB) |", "|---|---|---|---|---|---|---|"]
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="data_scale-") as tmp:
+        for size in args.sizes:
+            train_file = Path(tmp) / f"train_{size}.jsonl"
+            write_records(train_file, size)
+            for ranks in args.ranks:
+                cache = Path(tmp) / f"cache_{size}_{ranks}"
+                first, cached = run_ranks(ranks, train_file, cache), run_ranks(ranks, train_file, cache)
+                first_rss = ", ".join(f"{r['rss_before_mb']:.0f} → {r['rss_peak_mb']:.0f}" for r in first)
+                cached_rss = ", ".join(f"{r['rss_peak_mb']:.0f}" for r in cached)
+                row = (f"| {size:,} | {ranks} | {max(r['wall_s'] for r in first):.1f} | {first_rss} | "
+                       f"{max(r['workers_peak_mb'] for r in first):.0f} | {max(r['wall_s'] for r in cached):.2f} | "
+                       f"{cached_rss} |")
+                rows.append(row)
+                print(row, flush=True)
+    record = "\n".join([
+        "# Preparing the training split at scale (benchmarks/data_scale.py)",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()} "
+        f"({len(os.sched_getaffinity(0))} CPUs), Gemma 3 270M's tokenizer, the demo config "
+        f"(max_length 256, profile_and_history), synthetic demo records; `.venv/bin/python benchmarks/data_scale.py "
+        f"--sizes {' '.join(map(str, args.sizes))} --ranks {' '.join(map(str, args.ranks))}` "
+        f"({(time.time() - started) / 60:.1f} min in all).",
+        "Wall: the slowest rank, from build_split's call to its return. Resident memory is each rank's own "
+        "process (ru_maxrss); the preparation workers it started (data.preprocessing_num_workers, default one per "
+        "CPU from 20,000 records) are reported apart.",
+        "",
+        *rows,
+        "",
+    ])
+    args.record.parent.mkdir(parents=True, exist_ok=True)
+    args.record.write_text(record, encoding="utf-8")
+    print(record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
