@@ -10,6 +10,7 @@ states, and may lengthen max_steps: none of that changes what is learned. Anythi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -46,6 +47,14 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def file_sha256(path: Path) -> str:
+    """The file's content hash; a run asks for each data file's twice (its identity, the prepared-data cache's key),
+    so it is read once per size and modification time."""
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
