@@ -111,6 +111,8 @@ def test_a_study_of_two_ablations_and_two_seeds_in_one_command(tiny_model, data_
     finished = {n: (out / n / RESULTS_NAME).stat().st_mtime_ns for n in names}
     again = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert [line for line in again.stdout.splitlines() if line.startswith("[study] ") and "seed" in line] == [
-        f"[study] {n}: finished earlier, kept." for n in names]
+    assert [line for line in again.stdout.splitlines()
+            if line.split(":")[0].removeprefix("[study] ") in names] == [f"[study] {n}: finished earlier, kept."
+                                                                          for n in names]
+    assert f"[study] run 4 of 4, {names[-1]}. 4 runs: 4 done; nothing left to train." in again.stdout
     assert {n: (out / n / RESULTS_NAME).stat().st_mtime_ns for n in names} == finished
