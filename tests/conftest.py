@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,10 @@ sys.path[:0] = [str(REPO / "Gemma"), str(REPO / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Prepared data (finetune/data_cache.py) goes into a cache of this session's own, which the scripts it starts share.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="test-datasets-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 from tiny_gemma import build_tiny_gemma  # noqa: E402
 
