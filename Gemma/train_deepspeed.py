@@ -230,8 +230,9 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
 
 def prepare_data(plan: RunPlan, names: tuple[str, ...]) -> tuple[Any, Any, dict, Any]:
     """Tokenizer, prompt encoder (its fixed parts checked against max_length), the named splits that have a file and
-    the answer choices the test evaluation scores (finetune.data.answer_choices_for), all before the model loads."""
-    from finetune.data import answer_choices_for, build_split, overlap, overlap_problems
+    the answer choices the test evaluation scores (finetune.answer_choices), all before the model loads."""
+    from finetune.answer_choices import answer_choices_for
+    from finetune.data import build_split, overlap, overlap_problems
     from finetune.prompts import PromptEncoder, load_tokenizer
 
     tokenizer = load_tokenizer(plan.tokenizer_path)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from finetune.batching import SupervisedPositionsCollator
     from finetune.config import FieldNames, PromptConfig
-    from finetune.data import read_records
+    from finetune.records import read_records
     from finetune.prompts import PromptEncoder, load_tokenizer
     from transformers import AutoModelForCausalLM
 

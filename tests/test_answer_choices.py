@@ -18,7 +18,8 @@ from conftest import GENRES, make_records, run_script, write_config, write_jsonl
 from finetune.batching import SupervisedPositionsCollator
 from finetune.bootstrap import paired_bootstrap, resample_counts, seed_example_bootstrap
 from finetune.config import MAX_AUTO_CHOICES, PromptConfig
-from finetune.data import Split, resolve_answer_choices
+from finetune.answer_choices import resolve_answer_choices
+from finetune.data import Split
 from finetune.errors import UserError
 from finetune.evaluation import choice_log_likelihoods
 from finetune.metrics import BINARY_AUC, MACRO_F1, main_metric, score_predictions

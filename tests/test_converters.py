@@ -14,7 +14,8 @@ import convert_movielens
 import pytest
 from conftest import REPO
 from finetune.config import Config, DataConfig, FieldNames, ModelConfig, PromptConfig
-from finetune.data import build_split, check_record, overlap, read_records
+from finetune.data import build_split, overlap
+from finetune.records import check_record, read_records
 from finetune.errors import UserError
 from finetune.outputs import SPLIT_FILES
 from finetune.prompts import PromptEncoder

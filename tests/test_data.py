@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import make_records, write_jsonl
 from finetune.config import Config, DataConfig, FieldNames, ModelConfig, PromptConfig
-from finetune.data import build_split, check_record, read_records
+from finetune.data import build_split
+from finetune.records import check_record, read_records
 from finetune.errors import UserError
 from finetune.prompts import IGNORE_INDEX, PromptEncoder, render_user_message
 from finetune.settings import ABLATION_DIR, load_ablation

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO, read_json, run_script, write_config
 from finetune.config import FieldNames, PromptConfig
-from finetune.data import read_records
+from finetune.records import read_records
 from finetune.outputs import (DS_CONFIG_DIRNAME, FINAL_DIRNAME, GENERATED_DS_CONFIG_NAME, PREDICTIONS_NAME,
                               RESOLVED_CONFIG_NAME, RESULTS_NAME)
 from finetune.prompts import IGNORE_INDEX, PromptEncoder

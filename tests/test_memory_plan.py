@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REPO, run_script, write_config
 from finetune.config import Config, DataConfig, DeepSpeedChoices, FieldNames, ModelConfig, PromptConfig, TrainingConfig
-from finetune.data import read_records
+from finetune.records import read_records
 from finetune.memory_plan import (GIB, Hardware, ModelShape, activation_bytes, choose_offload, model_shape,
                                   model_states_bytes, plan_memory)
 from finetune.outputs import DRY_RUN_DIRNAME, GENERATED_DS_CONFIG_NAME, RESOLVED_CONFIG_NAME

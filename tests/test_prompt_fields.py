@@ -12,7 +12,8 @@ import pytest
 from conftest import make_records, run_script, write_config, write_jsonl
 from finetune.comparison import flatten_config
 from finetune.config import Ablation, Config, DataConfig, FieldNames, ModelConfig, PromptConfig
-from finetune.data import build_split, check_record, field_list_problems, present_attributes, read_records
+from finetune.data import build_split
+from finetune.records import check_record, field_list_problems, present_attributes, read_records
 from finetune.errors import UserError
 from finetune.outputs import DRY_RUN_DIRNAME, RESOLVED_CONFIG_NAME
 from finetune.prompts import PromptEncoder, render_user_message

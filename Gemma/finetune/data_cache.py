@@ -35,7 +35,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 EXAMPLES_DIRNAME = "examples"
 # The modules whose code decides what an entry holds: a change to any of them makes new keys.
-ENCODING_MODULES = ("data.py", "prompts.py", "chat_format.py", "config.py", "data_cache.py")
+ENCODING_MODULES = ("data.py", "records.py", "prompts.py", "chat_format.py", "config.py", "data_cache.py")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -97,7 +97,7 @@ def sections_design() -> Design:
 def profile_attributes(records: list[dict], path: Path) -> list[str]:
     """The attributes of the records' profiles (those with a value), in first-seen order. A string profile has no
     attribute to leave out: refused, naming the record."""
-    from .data import present_attributes  # data imports `datasets`: only a design that reads records pays for it
+    from .records import present_attributes  # records imports `datasets`: only a design that reads records pays for it
 
     strings = [i for i, rec in enumerate(records) if isinstance(rec.get("profile"), str)]
     if strings:
@@ -211,7 +211,7 @@ def load_design(name: str, lengths: list[int], config_path: Path, overrides: lis
     elif name == "history_lengths":
         design = history_lengths_design(lengths)
     else:
-        from .data import read_records
+        from .records import read_records
 
         cfg, ablation = load_settings(config_path, SECTIONS_ABLATIONS[0], overrides)
         train = resolve_path(cfg.data.train_file, config_path.parent)

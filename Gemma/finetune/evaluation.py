@@ -15,7 +15,8 @@ from transformers import GenerationConfig
 
 from .batching import SupervisedPositionsCollator
 from .config import Config
-from .data import AnswerChoices, Split
+from .answer_choices import AnswerChoices
+from .data import Split
 from .metrics import score_predictions
 from .prompts import IGNORE_INDEX, PromptEncoder, prompt_length
 

@@ -25,7 +25,7 @@ CONTROL_TOKEN_SHAPE = re.compile(r"<[^<>\s]{1,40}>")
 
 def _attributes(obj: dict | str, sep: str, fields: list[str] | None) -> str:
     """An object's attributes as "key: value" (all of them in the record's order, or the listed `fields` in the
-    list's order); a string as is (data.check_record refuses strings where fields are listed)."""
+    list's order); a string as is (records.check_record refuses strings where fields are listed)."""
     if isinstance(obj, str):
         return obj.strip()
     pairs = obj.items() if fields is None else ((name, obj.get(name)) for name in fields)
