@@ -24,6 +24,9 @@ accelerate launch over --nodes nodes; a resubmitted task resumes its run), inste
 run's state and the time left, --collect compares once every task has finished, and --print_commands prints each
 run's launch command for another scheduler (finetune/study.py).
 
+Disk: every finished run keeps its checkpoints (optimizer state included) unless --prune_checkpoints removes them once
+it has finished; after each run the study warns when the runs left would not fit at that run's size.
+
 Usage (from the repository root):
 
     # 4 GPUs, all four shipped ablations
@@ -62,6 +65,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -74,9 +78,9 @@ from finetune.designs import (DESIGN_USAGE, DESIGNS_DIRNAME, SECTIONS_ABLATIONS,
 from finetune.errors import EXIT_INTERRUPTED, UserError, positive_int
 from finetune.outputs import write_atomic
 from finetune.settings import MAX_SEED
-from finetune.study import (DONE, SBATCH_NAME, SLURM_LOGS_DIRNAME, StudyRun, planned_runs, progress_summary,
-                            run_for_task, run_state, sbatch_script, slurm_launcher_args, status_table,
-                            unfinished_problems)
+from finetune.study import (DONE, SBATCH_NAME, SLURM_LOGS_DIRNAME, StudyRun, directory_bytes, planned_runs,
+                            progress_summary, prune_checkpoints, run_for_task, run_state, sbatch_script,
+                            slurm_launcher_args, status_table, storage_warning, unfinished_problems)
 
 HERE = Path(__file__).resolve().parent
 SHIPPED_ABLATIONS = list(SECTIONS_ABLATIONS)
@@ -92,7 +96,7 @@ def _seed(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_study.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=Path("config.json"), help="config.json shared by every run.")
     p.add_argument("--output_dir", type=Path, required=True,
@@ -112,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=_seed, metavar="SEED",
                    help="train every ablation once per seed, into <ablation>-seed<SEED> (default: once, with the "
                         "config's training.seed, into <ablation>).")
+    p.add_argument("--prune_checkpoints", action="store_true",
+                   help="remove each run's checkpoint-* folders once it has finished (its final/ model, results and "
+                        "predictions stay): a study of many runs otherwise keeps every run's optimizer state.")
     where = p.add_argument_group("where the runs train (default: here, one after another, then the comparison)")
     mode = where.add_mutually_exclusive_group()
     mode.add_argument("--slurm", action="store_true",
@@ -133,7 +140,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--sbatch_option", dest="sbatch_options", action="append", default=[], metavar="KEY=VALUE",
                        help="--slurm: one more #SBATCH --KEY=VALUE line (repeatable), e.g. partition=gpu, "
                             "time=24:00:00, account=my_project.")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: usage errors exit 2 with argparse's message before anything is read or trained."""
+    p = build_parser()
     args = p.parse_args(argv)
+    check_where(p, args)
+    check_runs(p, args)
+    return args
+
+
+def check_where(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The job-array options, which only --slurm takes; sets args.gpus_per_node and the #SBATCH lines."""
     if (args.nodes != 1 or args.sbatch_options) and not args.slurm:
         p.error("--nodes and --sbatch_option describe the job array; give them with --slurm.")
     if args.num_processes % args.nodes:
@@ -144,6 +164,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"--sbatch_option {bad[0]}: write it as KEY=VALUE without dashes, e.g. --sbatch_option partition=gpu.")
     args.sbatch_options = [f"--{o}" for o in args.sbatch_options]
+
+
+def check_runs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--ablations / --design and --seeds: each run once, the seed set one way; sets args.ablations (default: the
+    shipped profiles), args.design and args.x_axis."""
     args.x_axis = None  # a design's: the resolved-config key the comparison plots the main metric against
     if args.design:
         if args.ablations:
@@ -166,7 +191,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if fixed:
             p.error(f"--set {fixed[0]} and --seeds both set the seed; drop the --set (--seeds sets {SEED_KEY} "
                     "for each run).")
-    return args
 
 
 def apply_design(args: argparse.Namespace) -> None:
@@ -199,19 +223,30 @@ def launch_command(args: argparse.Namespace, run: StudyRun, cuda: bool, node_arg
 
 
 def train(args: argparse.Namespace, run: StudyRun, cuda: bool, node_args: Sequence[str] = ()) -> bool:
-    """Train one run unless it is done (resuming it when it stopped after a checkpoint); False when it failed."""
+    """Train one run unless it is done (resuming it when it stopped after a checkpoint), then prune its checkpoints
+    when asked; False when it failed."""
     if run_state(run.directory) == DONE:
         print(f"[study] {run.name}: finished earlier, kept.", flush=True)
-        return True
-    cmd = launch_command(args, run, cuda, node_args)
-    print(f"[study] {run.name}: {shlex.join(cmd)}", flush=True)
-    started = time.time()
-    if subprocess.run(cmd).returncode != 0:
-        print(f"[study] {run.name} failed; fix the problem above and rerun this command to continue.",
-              file=sys.stderr, flush=True)
-        return False
-    print(f"[study] {run.name}: done in {time.time() - started:.0f} s.", flush=True)
+    else:
+        cmd = launch_command(args, run, cuda, node_args)
+        print(f"[study] {run.name}: {shlex.join(cmd)}", flush=True)
+        started = time.time()
+        if subprocess.run(cmd).returncode != 0:
+            print(f"[study] {run.name} failed; fix the problem above and rerun this command to continue.",
+                  file=sys.stderr, flush=True)
+            return False
+        print(f"[study] {run.name}: done in {time.time() - started:.0f} s.", flush=True)
+    if args.prune_checkpoints and (freed := prune_checkpoints(run.directory)):
+        print(f"[study] {run.name}: checkpoints removed ({freed / 1e9:.2f} GB freed).", flush=True)
     return True
+
+
+def warn_if_the_rest_will_not_fit(args: argparse.Namespace, run: StudyRun, runs: list[StudyRun]) -> None:
+    """After a run: would the runs left, each the size of this one, fit on the disk? (study.storage_warning)"""
+    runs_left = sum(run_state(r.directory) != DONE for r in runs)
+    if runs_left and (warning := storage_warning(directory_bytes(run.directory), runs_left,
+                                                 shutil.disk_usage(args.output_dir).free)):
+        print(f"[study] warning: {warning}", file=sys.stderr, flush=True)
 
 
 def compare(args: argparse.Namespace, runs: list[StudyRun]) -> int:
@@ -237,6 +272,7 @@ def task_command(args: argparse.Namespace) -> list[str]:
                "--ablations", *(str(Path(a).resolve()) if Path(a).suffix == ".json" else a for a in args.ablations)]
     command += ["--seeds", *map(str, args.seeds)] if args.seeds else []
     command += ["--launcher_args", args.launcher_args] if args.launcher_args else []
+    command += ["--prune_checkpoints"] if args.prune_checkpoints else []
     for item in args.overrides:
         command += ["--set", item]
     return command
@@ -273,6 +309,7 @@ def run_study(args: argparse.Namespace, runs: list[StudyRun]) -> int:
         print(f"[study] run {i} of {len(runs)}, {run.name}. {progress_summary(runs)}", flush=True)
         if not train(args, run, cuda):
             return 1
+        warn_if_the_rest_will_not_fit(args, run, runs)
     return compare(args, runs)
 
 

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     cmd = [sys.executable, str(REPO / "Gemma" / "run_study.py"), "--config", str(REPO / "config.json"),
-           "--output_dir", str(args.output_dir), "--num_processes", str(args.num_processes)]
+           "--output_dir", str(args.output_dir), "--num_processes", str(args.num_processes),
+           "--prune_checkpoints"]  # 7.6 GB per run otherwise; the results need final/ and results.json alone
     for item in STUDY_SETTINGS:
         cmd += ["--set", item]
     if args.seeds:

@@ -1,5 +1,5 @@
 """Gemma/run_study.py: the runs it plans (names, order, seeds), its usage errors, and one real study of the tiny model:
-2 ablations x 2 seeds in one command, compared by seed, and a rerun that trains nothing."""
+2 ablations x 2 seeds in one command, compared by seed, and a rerun that trains nothing and prunes the checkpoints."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import REPO, make_records, script_env, write_config, write_jsonl
 from finetune.batching import LengthGroupedSampler
-from finetune.outputs import RESOLVED_CONFIG_NAME, RESULTS_NAME
+from finetune.outputs import FINAL_DIRNAME, RESOLVED_CONFIG_NAME, RESULTS_NAME
 from finetune.study import StudyRun, planned_runs
+from transformers import AutoModelForCausalLM
 
 import run_study
 
@@ -108,11 +109,18 @@ def test_a_study_of_two_ablations_and_two_seeds_in_one_command(tiny_model, data_
     assert float(query["test_loss_lo"]) <= float(query["test_loss_diff"]) <= float(query["test_loss_hi"])
     assert (out / "comparison.md").read_text().startswith("Mean over seeds 5, 7.")
 
+    # Rerun with --prune_checkpoints: nothing is trained again, and each finished run's checkpoints go.
     finished = {n: (out / n / RESULTS_NAME).stat().st_mtime_ns for n in names}
-    again = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=600)
+    assert all(any((out / n).glob("checkpoint-*")) for n in names)
+    again = subprocess.run([*cmd, "--prune_checkpoints"], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                           timeout=600)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert [line for line in again.stdout.splitlines()
-            if line.split(":")[0].removeprefix("[study] ") in names] == [f"[study] {n}: finished earlier, kept."
-                                                                          for n in names]
+    said = [line for line in again.stdout.splitlines() if line.split(":")[0].removeprefix("[study] ") in names]
+    assert said[::2] == [f"[study] {n}: finished earlier, kept." for n in names]
+    assert [line.partition(" (")[0] for line in said[1::2]] == [f"[study] {n}: checkpoints removed" for n in names]
     assert f"[study] run 4 of 4, {names[-1]}. 4 runs: 4 done; nothing left to train." in again.stdout
     assert {n: (out / n / RESULTS_NAME).stat().st_mtime_ns for n in names} == finished
+    assert not any(any((out / n).glob("checkpoint-*")) for n in names)
+    for name in names:  # what a finished run is used for stays: its model reloads, its predictions are compared
+        assert AutoModelForCausalLM.from_pretrained(out / name / FINAL_DIRNAME).config.model_type == "gemma3_text"
+    assert (out / "comparison.md").read_text().startswith("Mean over seeds 5, 7.")

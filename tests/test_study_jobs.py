@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, read_json, script_env, write_config
 from finetune.errors import EXIT_INTERRUPTED, UserError
-from finetune.outputs import RESULTS_NAME, OutputLock
-from finetune.study import (DONE, FAILED, NOT_STARTED, RESUMABLE, RUNNING, SBATCH_NAME, planned_runs,
-                            progress_summary, run_for_task, run_state, slurm_launcher_args, time_left_s)
+from finetune.outputs import FINAL_DIRNAME, RESULTS_NAME, OutputLock
+from finetune.study import (DONE, FAILED, NOT_STARTED, RESUMABLE, RUNNING, SBATCH_NAME, directory_bytes,
+                            planned_runs, progress_summary, prune_checkpoints, run_for_task, run_state,
+                            slurm_launcher_args, storage_warning, time_left_s)
 
 import run_study
 
@@ -40,7 +41,7 @@ def test_each_array_task_trains_its_own_run_of_the_study(tmp_path):
     out = tmp_path / "study"
     args = run_study.parse_args(["--output_dir", str(out), "--ablations", *ABLATIONS, "--seeds", "5", "7",
                                  "--num_processes", "16", "--slurm", "--nodes", "2", "--sbatch_option",
-                                 "partition=gpu", "--set", "training.max_steps=5"])
+                                 "partition=gpu", "--set", "training.max_steps=5", "--prune_checkpoints"])
     run_study.apply_design(args)
     runs = planned_runs(args.ablations, args.seeds, args.output_dir)
     script = run_study.write_job_array(args, runs).read_text()
@@ -51,6 +52,7 @@ def test_each_array_task_trains_its_own_run_of_the_study(tmp_path):
     for index, run in enumerate(runs):
         task = run_study.parse_args(task_argv(script, index))
         assert task.array_task == index and task.overrides == ["training.max_steps=5"] and task.num_processes == 16
+        assert task.prune_checkpoints  # each task prunes its own run once it has finished
         assert run_for_task(planned_runs(task.ablations, task.seeds, task.output_dir), index) == run
     with pytest.raises(UserError, match="this study has 4 runs"):
         run_for_task(runs, 4)
@@ -99,6 +101,42 @@ def test_every_run_state_is_read_from_its_directory(tmp_path):
     assert run_state(runs[3].directory) == NOT_STARTED  # the lock is gone with its run
     (runs[3].directory / ".lock").write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname()}))
     assert run_state(runs[3].directory) == FAILED  # a lock left by a run that died is no run
+
+
+def fake_run(directory: Path, *, done: bool, final: bool = True) -> None:
+    """A run directory as training leaves it: two checkpoints, and when done final/ and results.json."""
+    for step in (2, 4):
+        (directory / f"checkpoint-{step}" / f"global_step{step}").mkdir(parents=True)
+        (directory / f"checkpoint-{step}" / f"global_step{step}" / "optim_states.pt").write_bytes(b"x" * 1000)
+    if final:
+        (directory / FINAL_DIRNAME).mkdir()
+        (directory / FINAL_DIRNAME / "model.safetensors").write_bytes(b"w" * 300)
+    if done:
+        (directory / RESULTS_NAME).write_text(json.dumps({"wall_time_s": 1.0}))
+
+
+def test_pruning_removes_only_a_finished_runs_checkpoints(tmp_path):
+    finished, unfinished, no_final = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    fake_run(finished, done=True)
+    fake_run(unfinished, done=False)  # how it resumes: kept
+    fake_run(no_final, done=True, final=False)  # a model saved nowhere else: kept
+    assert directory_bytes(finished) == 2000 + 300 + (finished / RESULTS_NAME).stat().st_size
+    assert prune_checkpoints(finished) == 2000
+    assert sorted(p.name for p in finished.iterdir()) == [FINAL_DIRNAME, RESULTS_NAME] and run_state(finished) == DONE
+    assert prune_checkpoints(finished) == 0  # again: nothing left to remove
+    assert prune_checkpoints(unfinished) == 0 and run_state(unfinished) == RESUMABLE
+    assert prune_checkpoints(no_final) == 0 and len(list(no_final.glob("checkpoint-*"))) == 2
+    fake_run(held := tmp_path / "d", done=True)
+    with OutputLock(held):
+        assert prune_checkpoints(held) == 0  # a live process (here, this one) still works in it
+    assert prune_checkpoints(held) == 2000
+
+
+def test_the_study_warns_when_the_runs_left_would_not_fit(tmp_path):
+    assert storage_warning(run_bytes=10 * 10**9, runs_left=3, free_bytes=30 * 10**9) is None
+    warning = storage_warning(run_bytes=10 * 10**9, runs_left=3, free_bytes=25 * 10**9)
+    assert "3 runs left may need about 30.0 GB" in warning and "25.0 GB are free" in warning
+    assert "--prune_checkpoints" in warning
 
 
 def test_the_time_left_is_the_mean_of_the_finished_runs_per_unfinished_run(tmp_path):

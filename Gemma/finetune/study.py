@@ -13,18 +13,23 @@ read from that directory alone, so that a study run here, by a scheduler, or by 
 The job array (`run_study.py --slurm`) has one task per run, in planned_runs' order: task i calls
 `run_study.py --array_task i` through srun once per node, which launches accelerate for that run alone, skips it
 when done and resumes it when resumable, so that resubmitting the array (or one task) continues the study.
+
+Disk: a finished run keeps its checkpoints (DeepSpeed's optimizer state, about 16 bytes per parameter each), which a
+study of many runs multiplies. After each run the study says when the runs left would not fit at that run's size,
+and `--prune_checkpoints` removes a finished run's checkpoint-* folders (final/, results.json and predictions stay).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .outputs import RESULTS_NAME, OutputLock
+from .outputs import FINAL_DIRNAME, RESULTS_NAME, OutputLock
 
 DONE, RUNNING, RESUMABLE, FAILED, NOT_STARTED = "done", "running", "resumable", "failed", "not started"
 SBATCH_NAME = "study.sbatch"
@@ -116,6 +121,40 @@ def unfinished_problems(runs: Sequence[StudyRun]) -> list[str]:
         return []
     return [f"{len(waiting)} of {len(runs)} runs are not done, so the study cannot be compared yet:", *waiting,
             "Wait for the running ones; resubmit (or rerun here) the others, then collect again."]
+
+
+def directory_bytes(directory: Path) -> int:
+    """The size of every file below `directory` (a file that vanishes while it is read counts nothing)."""
+    total = 0
+    for path in directory.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() and not path.is_symlink() else 0
+        except OSError:
+            pass
+    return total
+
+
+def prune_checkpoints(directory: Path) -> int:
+    """Remove the checkpoint-* folders of a finished run whose final/ model is saved; the bytes freed. Nothing is
+    removed from a run that is not done, or whose directory a live run holds: its checkpoints are how it resumes."""
+    if run_state(directory) != DONE or not (directory / FINAL_DIRNAME).is_dir() or OutputLock(directory).is_held():
+        return 0
+    freed = 0
+    for checkpoint in sorted(directory.glob("checkpoint-*")):
+        freed += directory_bytes(checkpoint)
+        shutil.rmtree(checkpoint)
+    return freed
+
+
+def storage_warning(run_bytes: int, runs_left: int, free_bytes: int) -> str | None:
+    """A warning when `runs_left` more runs of `run_bytes` each (a finished run's size on disk) exceed the free space;
+    None when they fit."""
+    need = run_bytes * runs_left
+    if need <= free_bytes:
+        return None
+    return (f"the {runs_left} runs left may need about {need / 1e9:.1f} GB at this run's size ({run_bytes / 1e9:.1f} "
+            f"GB), but {free_bytes / 1e9:.1f} GB are free. Add --prune_checkpoints to remove each finished run's "
+            "checkpoints (its final/ model and results stay), lower training.save_total_limit, or free space.")
 
 
 def run_for_task(runs: Sequence[StudyRun], index: int) -> StudyRun:
