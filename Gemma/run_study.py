@@ -156,6 +156,9 @@ def check_where(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The job-array options, which only --slurm takes; sets args.gpus_per_node and the #SBATCH lines."""
     if (args.nodes != 1 or args.sbatch_options) and not args.slurm:
         p.error("--nodes and --sbatch_option describe the job array; give them with --slurm.")
+    if args.prune_checkpoints and (args.status or args.print_commands):
+        p.error("--prune_checkpoints acts on the runs this command trains (here, as array tasks, or with --collect); "
+                f"--{'status' if args.status else 'print_commands'} trains nothing.")
     if args.num_processes % args.nodes:
         p.error(f"--num_processes {args.num_processes} (the total over the nodes) does not split evenly over "
                 f"--nodes {args.nodes}; give a multiple of {args.nodes}.")
@@ -236,9 +239,14 @@ def train(args: argparse.Namespace, run: StudyRun, cuda: bool, node_args: Sequen
                   file=sys.stderr, flush=True)
             return False
         print(f"[study] {run.name}: done in {time.time() - started:.0f} s.", flush=True)
-    if args.prune_checkpoints and (freed := prune_checkpoints(run.directory)):
-        print(f"[study] {run.name}: checkpoints removed ({freed / 1e9:.2f} GB freed).", flush=True)
+    if args.prune_checkpoints:
+        report_pruned(run)
     return True
+
+
+def report_pruned(run: StudyRun) -> None:
+    if freed := prune_checkpoints(run.directory):
+        print(f"[study] {run.name}: checkpoints removed ({freed / 1e9:.2f} GB freed).", flush=True)
 
 
 def warn_if_the_rest_will_not_fit(args: argparse.Namespace, run: StudyRun, runs: list[StudyRun]) -> None:
@@ -327,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.collect:
             if problems := unfinished_problems(runs):
                 raise UserError(problems)
+            for run in runs if args.prune_checkpoints else []:
+                report_pruned(run)
             return compare(args, runs)
         return run_study(args, runs)
     except UserError as e:

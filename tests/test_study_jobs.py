@@ -157,6 +157,8 @@ def test_the_time_left_is_the_mean_of_the_finished_runs_per_unfinished_run(tmp_p
     (["--slurm", "--sbatch_option", "exclusive"], "write it as KEY=VALUE without dashes"),
     (["--slurm", "--collect"], "not allowed with argument"),
     (["--status", "--array_task", "1"], "not allowed with argument"),
+    (["--status", "--prune_checkpoints"], "--status trains nothing"),
+    (["--print_commands", "--prune_checkpoints"], "--print_commands trains nothing"),
 ])
 def test_job_array_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as stopped:
@@ -218,8 +220,10 @@ def test_one_array_task_trains_its_run_here_resumes_when_resubmitted_and_collect
 
     env["SLURM_ARRAY_TASK_ID"] = "0"
     task_1()
-    collect = run_tool(*study, "--collect")
+    assert all(any((out / r).glob("checkpoint-*")) for r in ABLATIONS)
+    collect = run_tool(*study, "--collect", "--prune_checkpoints")
     assert collect.returncode == 0, collect.stderr[-3000:]
+    assert not any(any((out / r).glob("checkpoint-*")) for r in ABLATIONS)  # pruned once all were done
     table = (out / "comparison.md").read_text()
     assert "| profile_and_history (reference) |" in table and "| query_only | query_only |" in table
 
