@@ -16,12 +16,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "Gemma"), str(REPO / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Prepared data (finetune/data_cache.py) goes into a cache of this session's own, which the scripts it starts share.
-os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="test-datasets-cache-")
+# Prepared data (finetune/data_cache.py) goes into a cache of this session's own, which the scripts it starts share
+# (a script that imports this module, such as zero3_supervised_loss.py, finds the session's cache in its environment).
+if "GEMMA_TEST_SESSION_CACHE" not in os.environ:
+    os.environ["GEMMA_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="test-datasets-cache-")
+os.environ["HF_DATASETS_CACHE"] = os.environ["GEMMA_TEST_SESSION_CACHE"]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+    shutil.rmtree(os.environ["GEMMA_TEST_SESSION_CACHE"], ignore_errors=True)
 
 from tiny_gemma import build_tiny_gemma  # noqa: E402
 
