@@ -8,6 +8,13 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 if [ ! -x .venv/bin/python ]; then
+  # A first install writes about 2.5 GB (.venv 1.9 GB, the converted model 0.54 GB): say so now rather than fail
+  # half-way through pip or the conversion.
+  free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
+  if [ "$free_mb" -lt "${SETUP_MIN_FREE_MB:-3000}" ]; then
+    echo "error: $(pwd) has ${free_mb} MB free; the set-up needs about 2.5 GB (.venv and the demo model). Free some space and rerun." >&2
+    exit 1
+  fi
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.requirements.sha256
