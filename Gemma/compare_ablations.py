@@ -82,9 +82,9 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.comparison import (DEFAULT_REFERENCE_ABLATION, Row, Run, check_comparable, check_output_path,
-                                 choose_reference, choose_reference_ablation, common_ids, common_parent,
-                                 comparison_table, load_runs, run_paths, seed_comparison, seed_groups)
+from finetune.comparison import (DEFAULT_REFERENCE_ABLATION, Row, check_comparable, choose_reference,
+                                 choose_reference_ablation, common_ids, comparison_table, seed_comparison, seed_groups)
+from finetune.finished_runs import Run, check_output_path, common_parent, load_runs, run_paths
 from finetune.errors import EXIT_INTERRUPTED, UserError, positive_int
 from finetune.metrics import BY_NAME, EVERY_TASK_COLUMNS, METRICS
 from finetune.outputs import RESOLVED_CONFIG_NAME, write_atomic

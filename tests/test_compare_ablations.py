@@ -27,11 +27,10 @@ from finetune.comparison import (  # noqa: E402
     choose_reference_ablation,
     comparison_table,
     config_differences,
-    load_run,
-    load_runs,
     seed_comparison,
     seed_groups,
 )
+from finetune.finished_runs import load_run, load_runs  # noqa: E402
 from finetune.errors import UserError  # noqa: E402
 from finetune.metrics import MEAN, ROOT_MEAN_SQUARE  # noqa: E402
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, make_records, script_env, write_config, write_jsonl
-from finetune.comparison import comparison_table, load_runs, seed_comparison, seed_groups
+from finetune.comparison import comparison_table, seed_comparison, seed_groups
+from finetune.finished_runs import load_runs
 from finetune.data import build_split
 from finetune.designs import (HISTORY_LENGTH_KEY, SECTIONS_ABLATIONS, history_lengths_design, leave_one_out_design,
                               load_design, override_conflicts, parse_design, sections_design, write_profiles)

@@ -171,7 +171,8 @@ def test_in_a_study_of_several_seeds_test_time_evaluations_are_an_ablation_of_th
     """Hand-made runs (test_compare_ablations' formats): each seed's trained runs plus a test-time evaluation of each
     seed's profile_and_history run with the profile_only prompt."""
     import compare_ablations as ca
-    from finetune.comparison import choose_reference_ablation, load_runs, seed_comparison, seed_groups
+    from finetune.comparison import choose_reference_ablation, seed_comparison, seed_groups
+    from finetune.finished_runs import load_runs
     from finetune.errors import UserError
     from test_compare_ablations import seed_run
 
