@@ -14,9 +14,9 @@ The comparison then gives each ablation's mean over seeds with intervals that re
 
 --design NAME [ARGS] generates the ablations instead of --ablations (finetune/designs.py): sections (the four
 shipped profiles, as without it), leave_one_out (all_attributes, the reference, then without_<attribute> for each
-profile attribute of the training file), history_lengths N1 N2 ... (history_<N>: the N most recent history items;
-reference the largest N; the comparison adds <output_dir>/comparison_by_max_history_items.png, the main metric
-against N). Generated profiles are written into <output_dir>/designs/<name>.json and passed by path; a rerun that
+profile attribute of the training file), history_lengths N1 N2 ... (history_<N>: N history items, the most
+recent or as prompt.history_selection chooses; reference the largest N; the comparison adds
+<output_dir>/comparison_by_max_history_items.png, the main metric against N). Generated profiles are written into <output_dir>/designs/<name>.json and passed by path; a rerun that
 would write a different one is refused. --design combines with --seeds.
 
 On a cluster: --slurm writes <output_dir>/study.sbatch, a SLURM job array with one task per run (each an srun +

@@ -62,8 +62,12 @@ class PromptConfig:
 
     include_profile: bool = True
     include_history: bool = True
-    # Keep at most this many of the most recent history items (null: all that fit in max_length).
+    # Keep at most this many history items (null: all that fit in max_length).
     max_history_items: int | None = None
+    # Which history items a prompt keeps when not all fit (max_length) or max_history_items caps them: "recent", the
+    # most recent; "bm25", the most relevant to the record's query by BM25 over the items' values (LaMP's retrieval,
+    # with rank_bm25's BM25Okapi), ties going to the more recent. Either way the kept items are shown oldest first.
+    history_selection: Literal["recent", "bm25"] = "recent"
     # A system text: in the system turn where the chat template has one (Gemma 4), else at the start of the user
     # turn, before the sections (Gemma 1-3). The same in every ablation unless a profile sets it.
     system: str | None = None

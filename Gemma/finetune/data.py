@@ -260,8 +260,8 @@ def outgrown_problem(too_long: list[str], prompt: PromptConfig, encoder: PromptE
     """Examples that fit with config.json's full prompt but not with the run's: its texts are longer (an ablation
     profile's or a --set's instruction or system text, thinking) or its attributes tokenize longer in their order."""
     study = encoder.full_prompt
-    changed = [f"prompt.{k}" for k in ("system", "instruction", "enable_thinking", "profile_fields", "history_fields")
-               if getattr(prompt, k) != getattr(study, k)]
+    changed = [f"prompt.{k}" for k in ("system", "instruction", "enable_thinking", "profile_fields", "history_fields",
+                                       "history_selection") if getattr(prompt, k) != getattr(study, k)]
     return (f"{len(too_long)} examples are longer than training.max_length={encoder.max_length} with this run's "
             f"prompt (e.g. {', '.join(too_long[:3])}), though they fit with config.json's full prompt. Which examples "
             "are kept is decided on config.json's prompt so that every ablation keeps the same ones; this run's "

@@ -7,8 +7,9 @@ needs no hand-written profile files.
                                without --design.
     leave_one_out              all_attributes (every profile attribute: the reference), then one run per attribute,
                                without_<attribute>, showing every other one: what each attribute is worth.
-    history_lengths N1 N2 ...  one run per N, history_<N>: the N most recent history items (0: the history heading
-                               over no item); every other prompt key as config.json says. Reference: the largest N.
+    history_lengths N1 N2 ...  one run per N, history_<N>: N history items (0: the history heading over no item), the
+                               most recent, or the most relevant to the query with prompt.history_selection "bm25";
+                               every other prompt key as config.json says. Reference: the largest N.
                                The comparison also plots the main metric against N.
 
 Usage (from the repository root; Gemma/run_study.py builds the design, trains and compares):
@@ -157,13 +158,15 @@ def history_length_problems(lengths: list[int]) -> list[str]:
     return problems
 
 
-def history_lengths_design(lengths: list[int]) -> Design:
-    """history_<N> for each N, in the order given: the history section with its N most recent items (0: the heading
-    over no item), every other key as config.json says; the reference is the largest N."""
+def history_lengths_design(lengths: list[int], selection: str = "recent") -> Design:
+    """history_<N> for each N, in the order given: the history section with N items (0: the heading over no item),
+    the most recent or, with config.json's prompt.history_selection "bm25", the most relevant to the query; every
+    other key as config.json says; the reference is the largest N."""
     problems = history_length_problems(lengths)
     if problems:
         raise UserError(problems)
-    runs = tuple(DesignRun(f"history_{n}", f"The {n} most recent history items: what history of length {n} is worth.",
+    which = "most recent history items" if selection == "recent" else "history items most relevant to the query (BM25)"
+    runs = tuple(DesignRun(f"history_{n}", f"The {n} {which}: what history of length {n} is worth.",
                            {"include_history": True, "max_history_items": n}) for n in lengths)
     return Design("history_lengths", runs, f"history_{max(lengths)}", x_axis=HISTORY_LENGTH_KEY)
 
@@ -205,11 +208,12 @@ def override_conflicts(design: Design, overrides: list[str]) -> list[str]:
 
 def load_design(name: str, lengths: list[int], config_path: Path, overrides: list[str]) -> Design:
     """The design, with what it reads: leave_one_out reads config.json's prompt (without profile or --set) and the
-    training file's profiles. The --set entries that would undo the design are refused."""
+    training file's profiles; history_lengths config.json's history_selection. The --set entries that would undo the design are refused."""
     if name == "sections":
         design = sections_design()
     elif name == "history_lengths":
-        design = history_lengths_design(lengths)
+        cfg, _ = load_settings(config_path, SECTIONS_ABLATIONS[0], overrides)
+        design = history_lengths_design(lengths, cfg.prompt.history_selection)
     else:
         from .records import read_records
 

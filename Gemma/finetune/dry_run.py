@@ -27,6 +27,8 @@ def _prompt_settings(prompt: PromptConfig) -> str:
     for section in SECTIONS:
         fields = shown_fields(prompt, section)
         attributes = "all attributes" if fields is None else "attributes " + ", ".join(fields)
+        if section.is_list and prompt.history_selection == "bm25":
+            attributes += ", the items most relevant to the query (BM25) when not all are kept"
         shown.append(f"{section.name} {'shown, ' + attributes if included(prompt, section) else 'left out'}")
     instruction = "an instruction" if prompt.instruction else "no instruction"
     return f"This ablation's prompt: {instruction}; {'; '.join(shown)}."

@@ -63,7 +63,7 @@ class Section:
     heading: str
     body: Callable[[Any, list[str] | None], str]  # the record's value (a list section: the items kept), fields -> text
     problem: Callable[[Any], str | None]  # what is wrong with a record's (non-null) value, or None
-    is_list: bool = False  # a list of items, of which only the most recent fit (history)
+    is_list: bool = False  # a list of items, of which only some may fit (history: kept_items picks them)
 
 
 SECTIONS = (
@@ -81,10 +81,47 @@ def shown_fields(prompt: PromptConfig, section: Section) -> list[str] | None:
     return getattr(prompt, f"{section.name}_fields")
 
 
+WORD = re.compile(r"\w+")
+
+
+def _words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def _item_text(item: dict | str) -> str:
+    """What BM25 reads of a history item: its values (every attribute, whatever the prompt shows, so that every
+    ablation keeps the same items), or the string."""
+    return item if isinstance(item, str) else " ".join(str(v) for v in item.values() if v is not None)
+
+
+@functools.lru_cache(maxsize=8)  # one record is rendered several times while its history is fitted, then encoded
+def bm25_ranking(query: str, item_texts: tuple[str, ...]) -> tuple[int, ...]:
+    """The items' indices, most relevant to the query first (BM25Okapi over lower-cased words, as LaMP ranks a user's
+    profile), ties to the more recent; most recent first when the query or the items have no words."""
+    from rank_bm25 import BM25Okapi
+
+    corpus, words = [_words(text) for text in item_texts], _words(query)
+    if not words or not any(corpus):
+        return tuple(reversed(range(len(item_texts))))
+    scores = BM25Okapi(corpus).get_scores(words)
+    return tuple(sorted(range(len(item_texts)), key=lambda i: (-scores[i], -i)))
+
+
+def kept_items(items: list, count: int, selection: str, query: str) -> list:
+    """The `count` history items a prompt shows, oldest first: the most recent ("recent") or the most relevant to the
+    query ("bm25", bm25_ranking)."""
+    if count <= 0:
+        return []
+    if selection == "recent" or count >= len(items):
+        return items[len(items) - count:]
+    ranking = bm25_ranking(query, tuple(map(_item_text, items)))
+    return [items[i] for i in sorted(ranking[:count])]
+
+
 def render_user_message(record: dict, prompt: PromptConfig, history_items: int) -> str:
     """The user turn: the instruction, the sections the prompt includes (in SECTIONS order, with the attributes it
-    lists), then the query. A list section shows its last `history_items` items (most recent last), at most
-    prompt.max_history_items of them. Sections the prompt leaves out are absent, not empty."""
+    lists), then the query. A list section shows `history_items` of its items (at most prompt.max_history_items),
+    chosen by prompt.history_selection, oldest first. Sections the prompt leaves out are absent, not empty."""
     if prompt.max_history_items is not None:
         history_items = min(history_items, prompt.max_history_items)
     instruction = (prompt.instruction or "").strip()
@@ -94,7 +131,7 @@ def render_user_message(record: dict, prompt: PromptConfig, history_items: int) 
         if not included(prompt, section) or value is None:
             continue
         if section.is_list:
-            value = value[len(value) - history_items:] if history_items else []
+            value = kept_items(value, history_items, prompt.history_selection, record["query"])
         parts.append(section.heading + "\n" + section.body(value, shown_fields(prompt, section)))
     parts.append("Query: " + record["query"].strip())
     return "\n\n".join(parts)
@@ -213,8 +250,9 @@ class PromptEncoder:
         return list(ids)
 
     def fitting_history(self, record: dict, target_len: int) -> int | None:
-        """How many of the most recent history items fit with the FULL prompt (every section, all history), whatever
-        the ablation: so every ablation keeps the same examples. None when even no history does not fit."""
+        """How many history items (chosen by the study prompt's history_selection) fit with the FULL prompt (every
+        section, all history), whatever the ablation: so every ablation keeps the same examples. None when even no
+        history does not fit."""
         fitted = self.fit_full_prompt(record, target_len)
         return None if fitted is None else fitted[0]
 

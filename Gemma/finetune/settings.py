@@ -55,6 +55,13 @@ def _type_name(tp: Any) -> str:
 _BAD = object()  # marks a value that failed its check (None is a valid JSON null)
 
 
+def _did_you_mean(value: Any, choices: list[str]) -> str:
+    """" Did you mean "x"?" for the choice closest to a wrong value, in any case ("BM25" -> "bm25"); "" if none is."""
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1)
+    return f" Did you mean {json.dumps(by_lower[close[0]])}?" if close else ""
+
+
 def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     """Check one JSON value against a type hint; returns the converted value, or _BAD after recording a problem."""
     origin = typing.get_origin(tp)
@@ -70,8 +77,7 @@ def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
                 if not inner:
                     return checked
             choices = [str(c) for o in options if typing.get_origin(o) is Literal for c in typing.get_args(o)]
-            close = difflib.get_close_matches(str(value), choices, n=1) if isinstance(value, str) else []
-            hint = f" Did you mean {json.dumps(close[0])}?" if close else ""
+            hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
             problems.append(f"{where}: expected {_type_name(tp)}, got {json.dumps(value)}.{hint}")
             return _BAD
         inner: list[str] = []
@@ -87,9 +93,7 @@ def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):  # 1 is not true, nor 0 false
             return value
-        choices = [str(a) for a in typing.get_args(tp)]
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" Did you mean {json.dumps(close[0])}?" if close else ""
+        hint = _did_you_mean(value, [str(a) for a in typing.get_args(tp)])
         problems.append(f"{where}: {json.dumps(value)} is not {_type_name(tp)}.{hint}")
         return _BAD
     if origin is list:
