@@ -8,6 +8,10 @@ split, its resident memory before (torch, transformers, datasets and the tokeniz
 peak of the preparation workers it started. Prints the table and records it in benchmarks/results/data_scale.md.
 
     .venv/bin/python benchmarks/data_scale.py [--sizes 10000 100000 1000000] [--ranks 1 2]
+
+    # another setting, e.g. the history kept by relevance (BM25) instead of recency, recorded apart
+    .venv/bin/python benchmarks/data_scale.py --sizes 100000 --ranks 1 --set prompt.history_selection=bm25 \
+        --set prompt.max_history_items=2 --record benchmarks/results/data_scale_bm25.md
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -68,14 +73,14 @@ class PeakPrivateMemory:
         self.peak = max(self.peak, status_mb("RssAnon"))
 
 
-def prepare(train_file: Path, cache: Path) -> dict:
-    """One process: the split as a run's rank prepares it (the demo config, profile_and_history)."""
+def prepare(train_file: Path, cache: Path, overrides: list[str]) -> dict:
+    """One process: the split as a run's rank prepares it (the demo config with `overrides`, profile_and_history)."""
     from finetune.data import build_split
     from finetune.prompts import PromptEncoder, load_tokenizer
     from finetune.settings import load_settings, resolve_path
 
     config = REPO / "config.json"
-    cfg, ablation = load_settings(config, "profile_and_history", [])
+    cfg, ablation = load_settings(config, "profile_and_history", overrides)
     tokenizer = load_tokenizer(str(resolve_path(cfg.model.model_name_or_path, config.parent)))
     encoder = PromptEncoder.for_prompt(tokenizer, cfg.training.max_length, cfg.prompt, ablation.study_prompt)
     before, private_before = status_mb("VmRSS"), status_mb("RssAnon")
@@ -89,9 +94,10 @@ def prepare(train_file: Path, cache: Path) -> dict:
             "workers_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def run_ranks(ranks: int, train_file: Path, cache: Path) -> list[dict]:
+def run_ranks(ranks: int, train_file: Path, cache: Path, overrides: list[str]) -> list[dict]:
     """`ranks` processes preparing the split at once; their reports."""
-    procs = [subprocess.Popen([sys.executable, __file__, "--prepare", str(train_file), str(cache)],
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--prepare", str(train_file), str(cache), *sets],
                               stdout=subprocess.PIPE, text=True) for _ in range(ranks)]
     reports = []
     for proc in procs:
@@ -107,11 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--record", type=Path, default=REPO / "benchmarks" / "results" / RECORD_NAME)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config.json override for the preparation, as train_deepspeed.py's --set (repeatable)")
     p.add_argument("--prepare", nargs=2, type=Path, help=argparse.SUPPRESS)  # one preparing process (internal)
     args = p.parse_args(argv)
     if args.prepare:
-        print(json.dumps(prepare(*args.prepare)))
+        print(json.dumps(prepare(*args.prepare, args.overrides)))
         return 0
+    if args.overrides and args.record == p.get_default("record"):
+        p.error("--set changes what is measured: give --record a file of its own (the default holds the demo "
+                "config's table).")
 
     rows = ["| records | ranks | first build: wall (s) | per rank: private before → peak (resident before → peak), MB | "
             "workers' peak resident (MB) | cached: wall (s) | cached, per rank: private (resident), MB |",
@@ -123,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             write_records(train_file, size)
             for ranks in args.ranks:
                 cache = Path(tmp) / f"cache_{size}_{ranks}"
-                first, cached = run_ranks(ranks, train_file, cache), run_ranks(ranks, train_file, cache)
+                first = run_ranks(ranks, train_file, cache, args.overrides)
+                cached = run_ranks(ranks, train_file, cache, args.overrides)
                 def memory(reports: list[dict]) -> str:
                     return ", ".join(f"{r['private_before_mb']:.0f} → {r['private_peak_mb']:.0f} "
                                      f"({r['rss_before_mb']:.0f} → {r['rss_peak_mb']:.0f})" for r in reports)
@@ -138,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()} "
         f"({len(os.sched_getaffinity(0))} CPUs), Gemma 3 270M's tokenizer, the demo config "
-        f"(max_length 256, profile_and_history), synthetic demo records; `.venv/bin/python benchmarks/data_scale.py "
-        f"--sizes {' '.join(map(str, args.sizes))} --ranks {' '.join(map(str, args.ranks))}` "
+        f"(max_length 256, profile_and_history{', with the --set below' if args.overrides else ''}), synthetic demo "
+        f"records; `.venv/bin/python benchmarks/data_scale.py "
+        f"--sizes {' '.join(map(str, args.sizes))} --ranks {' '.join(map(str, args.ranks))}"
+        f"{''.join(f' --set {shlex.quote(o)}' for o in args.overrides)}` "
         f"({(time.time() - started) / 60:.1f} min in all).",
         "Wall: the slowest rank, from build_split's call to its return. Private: the process's RssAnon (sampled every "
         "50 ms), the memory that is its own; resident: ru_maxrss, which also counts the pages of memory-mapped Arrow "
