@@ -81,7 +81,7 @@ HARDWARE_FLAGS = ("gpus_per_node", "num_nodes", "gpu_memory_gib", "cpu_memory_gi
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_deepspeed.py",
         description="Fine-tune Gemma with DeepSpeed ZeRO-3 on user-modelling data for one ablation profile.",
@@ -126,6 +126,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     plan.add_argument("--num_nodes", type=int, default=None, metavar="N")
     plan.add_argument("--gpu_memory_gib", type=float, default=None, metavar="GIB", help="memory of one GPU, e.g. 80.")
     plan.add_argument("--cpu_memory_gib", type=float, default=None, metavar="GIB", help="host memory of one node.")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; flags that do not go together are usage errors (exit 2) before anything is read."""
+    p = build_parser()
     args = p.parse_args(argv)
     planned = [f"--{k}" for k in HARDWARE_FLAGS if getattr(args, k) is not None]
     if planned and not args.dry_run:
