@@ -16,8 +16,9 @@ The comparison then gives each ablation's mean over seeds with intervals that re
 shipped profiles, as without it), leave_one_out (all_attributes, the reference, then without_<attribute> for each
 profile attribute of the training file), history_lengths N1 N2 ... (history_<N>: N history items, the most
 recent or as prompt.history_selection chooses; reference the largest N; the comparison adds
-<output_dir>/comparison_by_max_history_items.png, the main metric against N). Generated profiles are written into <output_dir>/designs/<name>.json and passed by path; a rerun that
-would write a different one is refused. --design combines with --seeds.
+<output_dir>/comparison_by_max_history_items.png, the main metric against N). Generated profiles are written into
+<output_dir>/designs/<name>.json and passed by path; a rerun that would write a different one is refused. --design
+combines with --seeds.
 
 On a cluster: --slurm writes <output_dir>/study.sbatch, a SLURM job array with one task per run (each an srun +
 accelerate launch over --nodes nodes; a resubmitted task resumes its run), instead of training. --status shows every
@@ -335,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.collect:
             if problems := unfinished_problems(runs):
                 raise UserError(problems)
-            for run in runs if args.prune_checkpoints else []:
-                report_pruned(run)
+            if args.prune_checkpoints:
+                for run in runs:
+                    report_pruned(run)
             return compare(args, runs)
         return run_study(args, runs)
     except UserError as e:

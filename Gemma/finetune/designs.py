@@ -208,7 +208,8 @@ def override_conflicts(design: Design, overrides: list[str]) -> list[str]:
 
 def load_design(name: str, lengths: list[int], config_path: Path, overrides: list[str]) -> Design:
     """The design, with what it reads: leave_one_out reads config.json's prompt (without profile or --set) and the
-    training file's profiles; history_lengths config.json's history_selection. The --set entries that would undo the design are refused."""
+    training file's profiles; history_lengths config.json's history_selection. The --set entries that would undo the
+    design are refused."""
     if name == "sections":
         design = sections_design()
     elif name == "history_lengths":
